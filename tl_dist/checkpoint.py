@@ -1,0 +1,146 @@
+"""Self-describing checkpoints: safetensors weights with the metadata inside, a JSON mirror beside,
+and a resume-state file; every file written atomically (temp file, fsync, rename).
+
+The metadata lives in the safetensors header itself, so weights and their description can never
+disagree, even when a crash falls between writing ``best.safetensors`` and ``best.json``. Nothing
+here unpickles: safetensors for weights, JSON for metadata, ``torch.load(weights_only=True)`` for
+the resume state this tool writes itself.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+FORMAT = "tl_dist/1"
+META_KEY = "tl_dist"
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return  # not supported everywhere (e.g. Windows); the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, text.encode("utf-8"))
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; a detached CPU copy has neither.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """``path`` (.safetensors, metadata in its header) then ``path`` with .json beside it."""
+    from safetensors.torch import save
+
+    meta = {"format": FORMAT, **meta}
+    blob = save(_plain(state), metadata={META_KEY: json.dumps(meta)})
+    atomic_write(path, blob)
+    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata from a checkpoint's safetensors header, without reading the tensors."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file too short for a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError("header size out of range")
+            header = json.loads(f.read(n))
+        raw = header.get("__metadata__", {}).get(META_KEY)
+        if raw is None:
+            raise ValueError("no tl_dist metadata in the header (not a tl_dist checkpoint?)")
+        meta = json.loads(raw)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint: file not found: {p}") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint: {p} is damaged or not a tl_dist checkpoint: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint: {p} has metadata format {meta.get('format') if isinstance(meta, dict) else '?'!r}, "
+                        f"expected {FORMAT!r}")
+    return meta
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) from a checkpoint; checks that the two describe the same model."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint: {path} is damaged (truncated or corrupt tensors): {e}") from None
+    classes = meta.get("classes")
+    fc = state.get("fc.weight")
+    if not isinstance(classes, list) or fc is None or fc.shape[0] != len(classes) \
+            or meta.get("num_classes") != len(classes):
+        raise UserError(f"checkpoint: {path}: metadata does not match the weights "
+                        f"(classes: {len(classes) if isinstance(classes, list) else '?'}, "
+                        f"num_classes: {meta.get('num_classes')}, fc rows: {None if fc is None else fc.shape[0]})")
+    return state, meta
+
+
+def resolve(path: str | Path, name: str = "best") -> Path:
+    """A run directory means its ``{name}.safetensors``; a file means itself."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / f"{name}.safetensors"
+    if not p.is_file():
+        raise UserError(f"checkpoint: not found: {p} (give a run directory or a .safetensors file)")
+    return p
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """The resume state (optimizer, scheduler, RNGs, counters): tensors and plain containers only."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint: resume state not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UserError(f"checkpoint: resume state {path} is damaged or not tl_dist's: "
+                        f"{str(e).splitlines()[0][:200]}") from None

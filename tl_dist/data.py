@@ -1,0 +1,289 @@
+"""ImageFolder splits, the seed's transforms, a decoded-image cache, and world-size-free sampling.
+
+Two properties make runs reproducible across world sizes and resumable bit for bit:
+- the global sample order of an epoch is a function of (seed, epoch) only, and the global batch of
+  step k holds the same samples whether one process takes all of it or W processes a slice each;
+- every augmentation draw is a function of (seed, epoch, sample index) only, so it does not depend
+  on the rank, the world size or the number of loader workers.
+Images leave the loader as uint8 (4x less to copy); normalisation happens on the device, in batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from .config import DataConfig
+from .errors import UserError
+from .images import IMAGE_EXTENSIONS, BadImage, load_rgb
+
+Sample = tuple[str, int]  # (path, class index)
+
+
+# ----------------------------------------------------------------------------- folders
+
+def list_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
+    """ImageFolder's layout: root/split/<class>/<image>. Returns (classes, samples), sorted."""
+    d = root / split
+    if not d.is_dir():
+        raise UserError(f"data: split folder not found: {d} (data.root must hold train/ and val/, "
+                        f"one sub-folder per class)")
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"data: {d} has no class sub-folders (expected {d}/<class>/<image>)")
+    samples: list[Sample] = []
+    for ci, c in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(d / c, followlinks=True):
+            dirnames.sort()
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                    samples.append((os.path.join(dirpath, f), ci))
+    if not samples:
+        raise UserError(f"data: split {d} is empty: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                        f"under its class folders")
+    return classes, samples
+
+
+def list_splits(root: str) -> tuple[list[str], list[Sample], list[Sample]]:
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        raise UserError(f"data: data.root not found: {r} (a folder holding train/ and val/; "
+                        f"see the README for the hymenoptera data or configs/demo.yaml)")
+    train_classes, train = list_split(r, "train")
+    val_classes, val = list_split(r, "val")
+    if train_classes != val_classes:
+        only_t = sorted(set(train_classes) - set(val_classes))
+        only_v = sorted(set(val_classes) - set(train_classes))
+        raise UserError(f"data: train and val must have the same classes under {r}: "
+                        f"only in train: {only_t or 'none'}; only in val: {only_v or 'none'}")
+    if len(train_classes) < 2:
+        raise UserError(f"data: {r}/train has {len(train_classes)} class; a classifier needs at least 2")
+    return train_classes, train, val
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    # str seeds are hashed with SHA-512: stable across processes and Python runs (unlike hash()).
+    return random.Random(f"tl_dist:{seed}:{epoch}:{index}")
+
+
+def rrc_params(rng: random.Random, width: int, height: int, scale: list[float],
+               ratio: list[float]) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from ``rng`` instead of the global RNG."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = rng.randint(0, height - h)
+            j = rng.randint(0, width - w)
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig) -> torch.Tensor:
+    """The seed's RandomResizedCrop + RandomHorizontalFlip, as uint8 CHW (ToTensor/Normalize on device)."""
+    i, j, h, w = rrc_params(rng, img.width, img.height, cfg.scale, cfg.ratio)
+    out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
+                         interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if cfg.hflip and rng.random() < 0.5:
+        out = F.hflip(out)
+    return to_uint8_chw(out)
+
+
+def eval_transform(img: Image.Image, resize_size: int, image_size: int) -> torch.Tensor:
+    """The seed's val transform: Resize(resize_size) + CenterCrop(image_size), as uint8 CHW."""
+    img = F.resize(img, [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return to_uint8_chw(F.center_crop(img, [image_size, image_size]))
+
+
+def normalize(x: torch.Tensor, mean: list[float], std: list[float], channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW batch on any device -> float, normalised as ToTensor + Normalize would."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    x = (x.float() - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class ImageDataset(Dataset):
+    """Indexed by keys (index, epoch, weight) from the batch samplers below.
+
+    Returns (image uint8 CHW, label, weight, index). A file that fails to decode during training
+    (changed since the pre-flight scan) comes back as a zero image with weight 0 and index -1-i,
+    so every rank keeps running and the loop can report the path.
+    """
+
+    def __init__(self, samples: list[Sample], cfg: DataConfig, train: bool, seed: int,
+                 cache: dict[int, object] | None = None):
+        self.samples, self.cfg, self.train, self.seed = samples, cfg, train, seed
+        self.cache = cache or {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decoded(self, index: int) -> Image.Image:
+        hit = self.cache.get(index)
+        return hit if hit is not None else load_rgb(self.samples[index][0])
+
+    def transformed(self, index: int, epoch: int) -> torch.Tensor:
+        if self.train:
+            return train_transform(self._decoded(index), sample_rng(self.seed, epoch, index), self.cfg)
+        hit = self.cache.get(index)
+        if isinstance(hit, torch.Tensor):  # the val transform is deterministic: cached fully done
+            return hit
+        return eval_transform(self._decoded(index), self.cfg.resize_size, self.cfg.image_size)
+
+    def __getitem__(self, key: tuple[int, int, float]):
+        index, epoch, weight = key
+        try:
+            img = self.transformed(index, epoch)
+        except BadImage:
+            s = self.cfg.image_size
+            return torch.zeros(3, s, s, dtype=torch.uint8), 0, 0.0, -1 - index
+        return img, self.samples[index][1], weight, index
+
+
+def decoded_bytes(sizes: list[tuple[int, int]]) -> int:
+    return sum(w * h * 3 for w, h in sizes)
+
+
+def fill_cache(ds: ImageDataset, indices: list[int], threads: int) -> dict[int, object]:
+    """Decode once, in parallel (Pillow releases the GIL while decoding)."""
+    def one(i: int):
+        try:
+            img = load_rgb(ds.samples[i][0])
+        except BadImage:
+            return i, None  # left out of the cache; the loader reports it when it is drawn
+        if ds.train:
+            return i, img
+        return i, eval_transform(img, ds.cfg.resize_size, ds.cfg.image_size)
+
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        return {i: v for i, v in ex.map(one, indices) if v is not None}
+
+
+# ----------------------------------------------------------------------------- samplers
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class TrainBatchSampler:
+    """Global batches of batch_size * world samples in (seed, epoch) order; this rank's slice of each.
+
+    The last global batch may be short. A rank whose slice is empty gets one padding sample with
+    weight 0, so every rank runs the same number of steps (DDP needs that) while the padding never
+    reaches the gradient. ``global_count(step)`` is the number of real samples in a global step.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, shuffle: bool = True):
+        self.n, self.bs, self.world, self.rank, self.seed, self.shuffle = n, batch_size, world, rank, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / (self.bs * self.world))
+
+    def global_count(self, step: int) -> int:
+        g = self.bs * self.world
+        return min(g, self.n - step * g)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, float]]]:
+        order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else list(range(self.n))
+        g = self.bs * self.world
+        for step in range(len(self)):
+            chunk = order[step * g:(step + 1) * g]
+            mine = chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
+            if mine:
+                yield [(i, self.epoch, 1.0) for i in mine]
+            else:
+                yield [(chunk[0], self.epoch, 0.0)]
+
+
+class EvalBatchSampler:
+    """A contiguous, unpadded shard per rank: every sample is evaluated exactly once."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int):
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        self.indices = list(range(lo, hi))
+        self.bs = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.bs)
+
+    def __iter__(self):
+        for s in range(0, len(self.indices), self.bs):
+            yield [(i, 0, 1.0) for i in self.indices[s:s + self.bs]]
+
+
+# ----------------------------------------------------------------------------- build
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: ImageDataset
+    val: ImageDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_sampler: TrainBatchSampler
+    cached: bool
+
+
+def _loader(ds: ImageDataset, sampler, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sample], *,
+          seed: int, world: int = 1, rank: int = 0, pin_memory: bool = False,
+          sizes: dict[str, tuple[int, int]] | None = None) -> Data:
+    """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply."""
+    train_ds = ImageDataset(train, cfg, train=True, seed=seed)
+    val_ds = ImageDataset(val, cfg, train=False, seed=seed)
+    use_cache = cfg.cache == "ram"
+    if cfg.cache == "auto":
+        known = [sizes[p] for p, _ in train if p in sizes] if sizes else []
+        need = decoded_bytes(known) * len(train) / max(1, len(known)) if known else math.inf
+        use_cache = need <= cfg.cache_gb * 2**30
+    threads = os.cpu_count() or 1
+    if use_cache:
+        train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
+        # The val transform is deterministic, so its cache holds finished uint8 crops (small).
+        val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
+    sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
+    eval_bs = cfg.eval_batch_size or 8 * cfg.batch_size
+    return Data(classes, train_ds, val_ds,
+                _loader(train_ds, sampler, cfg.num_workers, pin_memory),
+                _loader(val_ds, EvalBatchSampler(len(val), eval_bs, world, rank), cfg.num_workers, pin_memory),
+                sampler, use_cache)

@@ -1,0 +1,145 @@
+"""train_one_epoch / evaluate: the only code inside the epoch loop that talks to the Accelerator.
+
+Loss normalisation is what makes any world size and any accumulation give the single-process
+gradient: each step's summed loss is divided by the number of real samples in the global batch
+(or accumulation window) and multiplied by the world size, because DDP averages gradients over
+ranks. Padding samples carry weight 0 and so never reach the gradient or the metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import TrainBatchSampler, normalize
+from .model import set_train_mode
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    acc: float
+    samples: int
+    seconds: float
+    bad: list[int] = field(default_factory=list)  # dataset indices that failed to decode
+    stopped: bool = False  # interrupted by a stop request before the end of the epoch
+    confusion: torch.Tensor | None = None  # [true, predicted] counts (evaluate only)
+
+
+@dataclass
+class StepContext:
+    """What the loop needs to know about the model that the Accelerator does not."""
+    mean: list[float]
+    std: list[float]
+    channels_last: bool
+    frozen: bool
+    frozen_bn: str
+    grad_accum_steps: int = 1
+
+
+def _to_device(batch, device, ctx: StepContext):
+    x, y, w, idx = batch
+    x = normalize(x.to(device, non_blocking=True), ctx.mean, ctx.std, ctx.channels_last)
+    return x, y.to(device, non_blocking=True), w.to(device, torch.float32, non_blocking=True), idx
+
+
+def _reduce_sum(accelerator, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    flat = torch.cat([v.reshape(-1).to(accelerator.device, torch.float64) for v in values])
+    if accelerator.num_processes > 1:
+        flat = accelerator.reduce(flat, reduction="sum")
+    out, i = [], 0
+    for v in values:
+        out.append(flat[i:i + v.numel()].reshape(v.shape).cpu())
+        i += v.numel()
+    return out
+
+
+def _gather_bad(accelerator, bad: list[int]) -> list[int]:
+    if accelerator.num_processes == 1:
+        return bad
+    from accelerate.utils import gather_object
+    return sorted(set(gather_object(bad)))
+
+
+def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSampler, ctx: StepContext,
+                    epoch: int, should_stop: Callable[[], bool] = lambda: False) -> EpochResult:
+    t0 = time.perf_counter()
+    model.train()
+    set_train_mode(accelerator.unwrap_model(model), True, ctx.frozen, ctx.frozen_bn)
+    world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
+    dev = accelerator.device
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    correct = torch.zeros((), device=dev, dtype=torch.float64)
+    count = torch.zeros((), device=dev, dtype=torch.float64)
+    bad: list[int] = []
+    stopped = False
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    for step, batch in enumerate(loader):
+        x, y, w, idx = _to_device(batch, dev, ctx)
+        if (idx < 0).any():
+            bad.extend((-1 - idx[idx < 0]).tolist())
+        lo = step // k * k
+        hi = min(lo + k, n_steps)
+        denom = sum(sampler.global_count(s) for s in range(lo, hi))
+        boundary = step == hi - 1
+        # Between boundaries no gradient all-reduce: accumulate locally, sync once per window.
+        with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+            with accelerator.autocast():
+                out = model(x)
+            per_sample = F.cross_entropy(out.float(), y, reduction="none")
+            loss = (per_sample * w).sum() * (world / denom)
+            accelerator.backward(loss)
+        if boundary:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss_sum += (per_sample.detach() * w).sum()
+            correct += ((out.argmax(1) == y).float() * w).sum()
+            count += w.sum()
+        bar.update(1)
+        if boundary and should_stop():
+            stopped = True
+            break
+    bar.close()
+    loss_sum, correct, count = _reduce_sum(accelerator, [loss_sum, correct, count])
+    n = max(1.0, count.item())
+    return EpochResult(loss_sum.item() / n, correct.item() / n, int(count.item()),
+                       time.perf_counter() - t0, _gather_bad(accelerator, bad), stopped)
+
+
+@torch.inference_mode()
+def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epoch: int = 0) -> EpochResult:
+    """Every val sample exactly once over all ranks; metrics reduced as sums (no padding to drop).
+
+    Runs the unwrapped module: evaluation needs no gradient sync, and ranks may hold different
+    numbers of batches, which a DDP forward (buffer broadcast) would turn into a hang.
+    """
+    t0 = time.perf_counter()
+    net = accelerator.unwrap_model(model)
+    set_train_mode(net, False, ctx.frozen, ctx.frozen_bn)
+    dev = accelerator.device
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=dev, dtype=torch.float64)
+    bad: list[int] = []
+    for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True,
+                      disable=not accelerator.is_main_process):
+        x, y, w, idx = _to_device(batch, dev, ctx)
+        if (idx < 0).any():
+            bad.extend((-1 - idx[idx < 0]).tolist())
+        with accelerator.autocast():
+            out = net(x)
+        ok = w > 0
+        loss_sum += F.cross_entropy(out.float()[ok], y[ok], reduction="sum")
+        confusion += torch.bincount(y[ok] * num_classes + out.argmax(1)[ok],
+                                    minlength=num_classes * num_classes).to(torch.float64)
+    loss_sum, confusion = _reduce_sum(accelerator, [loss_sum, confusion])
+    confusion = confusion.reshape(num_classes, num_classes).long()
+    n = int(confusion.sum())
+    return EpochResult(loss_sum.item() / max(1, n), confusion.diag().sum().item() / max(1, n), n,
+                       time.perf_counter() - t0, _gather_bad(accelerator, bad), confusion=confusion)

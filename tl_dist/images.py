@@ -1,0 +1,110 @@
+"""Reading image files: decode to RGB, and check files before training (headers only, in parallel)."""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message names the file and why."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: convert("RGB") would clip everything above 255 to white.
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids Pillow's palette-transparency warning
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` fully into an RGB image (EXIF rotation applied); BadImage on any failure."""
+    try:
+        with warnings.catch_warnings():
+            # Over MAX_IMAGE_PIXELS Pillow only warns; we treat it as the decompression bomb it may be.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                return _to_rgb(img)
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{path}: too many pixels (decompression bomb?): {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise BadImage(f"{path}: too many pixels (decompression bomb?): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"{path}: cannot decode: {e}") from None
+
+
+def check_file(path: str) -> tuple[int, int]:
+    """Cheap check of one file: header, size, and a complete end of stream. Returns (width, height).
+
+    Reads the header and the tail, never decodes pixels, so a 10k-image folder takes seconds.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise BadImage(f"{path}: unreadable: {e.strerror}") from None
+    if size == 0:
+        raise BadImage(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                fmt, wh = img.format, img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{path}: too many pixels (decompression bomb?): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage(f"{path}: not an image (Pillow cannot identify it)") from None
+    except OSError as e:
+        raise BadImage(f"{path}: unreadable: {e}") from None
+    if wh[0] <= 0 or wh[1] <= 0:
+        raise BadImage(f"{path}: image has no pixels ({wh[0]}x{wh[1]})")
+    # A truncated file keeps its header; its end-of-stream marker is what goes missing.
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as e:
+        raise BadImage(f"{path}: unreadable: {e.strerror}") from None
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise BadImage(f"{path}: truncated PNG (no IEND chunk)")
+    return wh
+
+
+@dataclass
+class ScanReport:
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (w, h) of good files
+    bad: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+
+def scan_files(paths: list[str], workers: int | None = None) -> ScanReport:
+    """Check every file in parallel (I/O-bound: threads); the report lists each bad path with why."""
+    report = ScanReport()
+    workers = workers or min(32, (os.cpu_count() or 1) * 4)
+
+    def one(p: str):
+        try:
+            return p, check_file(p), None
+        except BadImage as e:
+            return p, None, str(e)
+
+    with ThreadPoolExecutor(workers) as ex:
+        for p, wh, err in ex.map(one, paths, chunksize=64):
+            if err is None:
+                report.sizes[p] = wh
+            else:
+                report.bad[p] = err
+    return report

@@ -1,0 +1,380 @@
+"""Training entry point: config -> data -> model -> Accelerator.prepare -> epochs -> best checkpoint.
+
+    python -m tl_dist.train --config configs/finetune.yaml [section.key=value ...]
+    accelerate launch -m tl_dist.train --config configs/finetune.yaml [...]
+
+Rank 0 writes every file; all ranks agree on "best" because they compare the same reduced metric.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__, checkpoint, config, data, demo, model as model_lib
+from .config import Config
+from .engine import StepContext, evaluate, train_one_epoch
+from .errors import UserError, one_line
+from .images import scan_files
+
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    best_val_acc: float
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+def resolve_mixed_precision(mp: str, cuda: bool) -> str:
+    """``auto``: bf16 where the hardware runs it fast (Ampere+ GPUs, CPUs with AVX512-BF16/AMX)."""
+    if mp != "auto":
+        return mp
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    cuda = torch.cuda.is_available()
+    mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
+    if mp == "fp16" and not cuda:
+        raise UserError("config: train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    # cpu=True without CUDA makes N launched processes one gloo group (MULTI_CPU) instead of N
+    # independent single-process runs.
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise UserError(f"launch: WORLD_SIZE={launched} but accelerate formed a group of "
+                        f"{acc.num_processes}; check the launcher settings (accelerate config)")
+    return acc, mp
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary, on every rank together."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really means now
+        self.signum = signum
+
+    def check(self, accelerator) -> bool:
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")  # one rank signalled = all stop
+        return bool(flag.item() > 0)
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"train: train.output_dir {path} is not writable: {e.strerror}; "
+                        f"choose another with train.output_dir=PATH") from None
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import torchvision
+    return {"tl_dist": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def rng_state() -> dict[str, Any]:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def lr_at(cfg: Config, epoch: int) -> float:
+    """StepLR's value for ``epoch``, computed rather than stepped: the same for any world size or resume."""
+    return cfg.optim.lr * cfg.scheduler.gamma ** (epoch // cfg.scheduler.step_size)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen: fc only
+    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay, foreach=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_data(cfg: Config, accelerator, log) -> data.Data:
+    if cfg.data.demo:
+        if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
+            log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
+            demo.generate(cfg.data.root, seed=0)
+        accelerator.wait_for_everyone()
+    classes, train, val = data.list_splits(cfg.data.root)
+    # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
+    report = [None]
+    if accelerator.is_main_process:
+        t0 = time.perf_counter()
+        r = scan_files([p for p, _ in train + val])
+        log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: "
+            f"{len(r.bad)} bad")
+        report = [r]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(report, from_process=0)
+    scan = report[0]
+    if scan.bad:
+        listing = "; ".join(scan.bad[p] for p in list(scan.bad)[:10])
+        more = f" (and {len(scan.bad) - 10} more)" if len(scan.bad) > 10 else ""
+        if not cfg.data.skip_bad_images:
+            raise UserError(f"data: {len(scan.bad)} bad image file(s) under {cfg.data.root}: {listing}{more}. "
+                            f"Fix or remove them, or set data.skip_bad_images=true to leave them out")
+        log(f"warning: leaving out {len(scan.bad)} bad image file(s): {listing}{more}")
+        train = [s for s in train if s[0] not in scan.bad]
+        val = [s for s in val if s[0] not in scan.bad]
+        for split, samples in (("train", train), ("val", val)):
+            if not samples:
+                raise UserError(f"data: no usable images left in {cfg.data.root}/{split} after leaving out bad files")
+    return data.build(cfg.data, classes, train, val, seed=cfg.train.seed, world=accelerator.num_processes,
+                      rank=accelerator.process_index, pin_memory=accelerator.device.type == "cuda",
+                      sizes=scan.sizes)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: Config) -> RunResult:
+    accelerator, mp = make_accelerator(cfg)
+    main_proc = accelerator.is_main_process
+
+    def log(msg: str) -> None:
+        if main_proc:
+            print(msg, flush=True)
+
+    out = Path(cfg.train.output_dir)
+    if main_proc:
+        check_output_dir(out)
+    stop = StopRequest()
+    from accelerate.utils import set_seed
+    set_seed(cfg.train.seed)
+
+    d = prepare_data(cfg, accelerator, log)
+    classes = d.classes
+    net = model_lib.build(cfg.model, len(classes))
+    frozen = cfg.model.mode == "frozen"
+
+    # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
+    state = load_resume(cfg, classes, accelerator) if cfg.train.resume != "none" else None
+    start_epoch, best_acc, best_epoch, history, best_state, best_cm = 0, -1.0, -1, [], None, None
+    if state is not None:
+        net.load_state_dict(state["model"])
+        start_epoch, best_acc, best_epoch = state["epoch"] + 1, state["best_val_acc"], state["best_epoch"]
+        history, best_state, best_cm = state["history"], state["best_model"], state.get("best_confusion")
+        log(f"resuming {out} after epoch {state['epoch']} (best val acc {best_acc:.4f} at epoch {best_epoch})")
+
+    if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if cfg.model.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        net.compile()
+    optimizer = build_optimizer(net, cfg)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        ranks = state.get("rng", [])
+        if len(ranks) == accelerator.num_processes:
+            set_rng_state(ranks[accelerator.process_index])
+    net, optimizer = accelerator.prepare(net, optimizer)
+    ctx = StepContext(cfg.data.mean, cfg.data.std, cfg.model.channels_last, frozen, cfg.model.frozen_bn,
+                      cfg.train.grad_accum_steps)
+    base_meta = {
+        "classes": classes, "num_classes": len(classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
+        "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
+        "mean": cfg.data.mean, "std": cfg.data.std, "world_size": accelerator.num_processes,
+        "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
+    }
+    if main_proc:
+        checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
+        log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(classes)} classes; "
+            f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
+            f"{accelerator.device.type}; mixed precision {mp}; decoded-image cache {'on' if d.cached else 'off'}")
+        if cfg.train.plots and start_epoch == 0:
+            from . import visualize
+            visualize.train_batch(d.train, classes, out / "train_batch.png", seed=cfg.train.seed)
+
+    t_run = time.perf_counter()
+    interrupted = False
+    for epoch in range(start_epoch, cfg.train.epochs):
+        lr = lr_at(cfg, epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        d.train_sampler.set_epoch(epoch)
+        tr = train_one_epoch(accelerator, net, optimizer, d.train_loader, d.train_sampler, ctx, epoch,
+                             should_stop=lambda: stop.check(accelerator))
+        if tr.stopped:
+            interrupted = True
+            break
+        va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch)
+        bad = sorted(set(tr.bad + va.bad))
+        if bad:
+            paths = "; ".join((d.train.samples if i < len(d.train) else d.val.samples)[i][0] for i in bad[:5])
+            if not cfg.data.skip_bad_images:
+                raise UserError(f"data: {len(bad)} image(s) failed to decode during epoch {epoch} "
+                                f"(changed since the scan?): {paths}; fix them or set data.skip_bad_images=true")
+            log(f"warning: {len(bad)} image(s) failed to decode and were left out this epoch: {paths}")
+        row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
+               "val_acc": va.acc, "lr": lr, "seconds": tr.seconds + va.seconds,
+               "train_samples": tr.samples, "val_samples": va.samples}
+        history.append(row)
+        is_best = va.acc > best_acc
+        weights = accelerator.unwrap_model(net).state_dict()
+        if is_best:
+            best_acc, best_epoch = va.acc, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+            best_cm = va.confusion
+        rngs = gather_rng(accelerator)
+        if main_proc:
+            meta = {**base_meta, "epoch": epoch, "val_acc": va.acc, "val_loss": va.loss}
+            checkpoint.save_weights(out / "last.safetensors", weights, {**meta, "kind": "last"})
+            if is_best:
+                checkpoint.save_weights(out / "best.safetensors", weights, {**meta, "kind": "best"})
+            checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            # The resume state is written last: it only ever points at complete files.
+            checkpoint.save_state(out / "resume.pt", {
+                "epoch": epoch, "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
+                "model": {k: v.detach().cpu() for k, v in weights.items()},
+                "optimizer": optimizer.state_dict(), "rng": rngs, "best_model": best_state, "best_confusion": best_cm,
+                "classes": classes, "arch": cfg.model.arch, "mode": cfg.model.mode,
+            })
+            print(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {tr.loss:.4f} acc {tr.acc:.4f}  "
+                  f"val loss {va.loss:.4f} acc {va.acc:.4f}  lr {lr:.2g}  {row['seconds']:.1f}s"
+                  f"{'  *best' if is_best else ''}", flush=True)
+        if stop.check(accelerator):
+            interrupted = epoch + 1 < cfg.train.epochs
+            break
+    total = time.perf_counter() - t_run
+    accelerator.wait_for_everyone()
+    if interrupted:
+        log(f"interrupted: stopped at a step boundary; the last complete epoch is saved in {out}. "
+            f"Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
+        return RunResult(out, best_acc, best_epoch, history, interrupted=True)
+
+    if best_state is not None:  # as the seed does: the model ends with the best weights
+        accelerator.unwrap_model(net).load_state_dict(best_state)
+    if main_proc:
+        summary(history, total, best_acc, best_epoch, out)
+        if cfg.train.plots and best_state is not None:
+            from . import visualize
+            visualize.after_training(accelerator.unwrap_model(net), d, ctx, history, best_cm, out, accelerator.device)
+    return RunResult(out, best_acc, best_epoch, history)
+
+
+def gather_rng(accelerator) -> list[dict]:
+    if accelerator.num_processes == 1:
+        return [rng_state()]
+    from accelerate.utils import gather_object
+    return gather_object([rng_state()])
+
+
+def load_resume(cfg: Config, classes: list[str], accelerator) -> dict | None:
+    """Rank 0 reads the resume state (if any) and broadcasts it; refuses an incompatible run."""
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        src = Path(cfg.train.output_dir) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+        path = src / "resume.pt" if src.is_dir() or cfg.train.resume == "auto" else src
+        if path.exists():
+            s = checkpoint.load_state(path)
+            for key, now in (("arch", cfg.model.arch), ("mode", cfg.model.mode), ("classes", classes)):
+                if s.get(key) != now:
+                    raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
+                                    f"{now!r}; use another train.output_dir or train.resume=none")
+            best = Path(cfg.train.output_dir) / "best.safetensors"
+            if best.exists():  # never let a resumed run overwrite a better best with a worse one
+                on_disk = checkpoint.read_metadata(best)
+                if on_disk.get("val_acc", -1) > s["best_val_acc"]:
+                    s["best_val_acc"], s["best_epoch"] = on_disk["val_acc"], on_disk["epoch"]
+                    s["best_model"] = checkpoint.load_weights(best)[0]
+            box = [s]
+        elif cfg.train.resume != "auto":
+            raise UserError(f"resume: no resume state at {path} (train.resume is auto, none or a run directory)")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def summary(history: list[dict], total: float, best_acc: float, best_epoch: int, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"tl_dist run: {out}")
+    for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
+        t.add_column(col, justify="right")
+    for r in history:
+        t.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}", f"{r['val_loss']:.4f}",
+                  f"{r['val_acc']:.4f}" + (" *" if r["epoch"] == best_epoch else ""), f"{r['lr']:.2g}",
+                  f"{r['seconds']:.1f}")
+    c = Console()
+    c.print(t)
+    c.print(f"total {total:.1f}s; best val acc {best_acc:.4f} at epoch {best_epoch}; "
+            f"best weights: {out / 'best.safetensors'}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tl_dist.train",
+                                description="Fine-tune or train a frozen-backbone image classifier.")
+    p.add_argument("--config", "-c", help="YAML config (configs/finetune.yaml, configs/frozen.yaml, ...)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, applied after the file; the last one wins")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.overrides)
+        result = train(cfg)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
