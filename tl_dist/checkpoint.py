@@ -101,13 +101,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) from a checkpoint; checks that the two describe the same model."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
     try:
         state = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint: {path} is damaged (truncated or corrupt tensors): {e}") from None
     classes = meta.get("classes")
     fc = state.get("fc.weight")

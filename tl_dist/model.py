@@ -58,11 +58,11 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"model: weights file not found: {p} (model.weights is imagenet, none, or a path)")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
             return load_file(str(p))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"model: {p} is not a readable safetensors file: {e}") from None
     try:
         # weights_only=True: a pickle that would run code is refused, not executed.

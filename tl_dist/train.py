@@ -76,8 +76,16 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
         for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -176,6 +184,12 @@ def prepare_data(cfg: Config, accelerator, log) -> data.Data:
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: Config) -> RunResult:
+    """One training run; returns its result. SIGTERM/SIGINT stop it cleanly at a step boundary."""
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopRequest) -> RunResult:
     accelerator, mp = make_accelerator(cfg)
     main_proc = accelerator.is_main_process
 
@@ -186,7 +200,6 @@ def train(cfg: Config) -> RunResult:
     out = Path(cfg.train.output_dir)
     if main_proc:
         check_output_dir(out)
-    stop = StopRequest()
     from accelerate.utils import set_seed
     set_seed(cfg.train.seed)
 

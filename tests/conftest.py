@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny generated ImageFolder sets (no network, no downloads) and helpers."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small crops keep every end-to-end run to seconds on 2 cores; the code paths are the real ones.
+FAST = ["data.image_size=32", "data.resize_size=36", "data.num_workers=0", "model.weights=none",
+        "train.mixed_precision=no", "train.plots=false"]
+COLOURS = [(220, 180, 30), (40, 30, 20), (60, 120, 200)]
+
+
+def make_images(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) -> Path:
+    """root/split/class/*.jpg: learnable (class colour blob) small JPEGs of varying size."""
+    rng = random.Random(seed)
+    for split, per_class in counts.items():
+        for ci, (cls, n) in enumerate(per_class.items()):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                w, h = rng.choice([(48, 40), (40, 52), (56, 44)])
+                img = Image.new("RGB", (w, h), tuple(rng.randint(80, 160) for _ in range(3)))
+                dr = ImageDraw.Draw(img)
+                x, y = rng.randint(0, w // 2), rng.randint(0, h // 2)
+                dr.ellipse([x, y, x + w // 2, y + h // 2], fill=COLOURS[ci % len(COLOURS)])
+                img.save(d / f"{cls}_{j:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """2 classes, 22 train, 13 val (odd: exercises uneven sharding)."""
+    return make_images(tmp_path_factory.mktemp("tiny"), {"train": {"ants": 11, "bees": 11},
+                                                          "val": {"ants": 7, "bees": 6}})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide state; tests that train in-process each start clean."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
+
+
+def accelerate_launch(n: int, *args: str, timeout: int = 300, extra: tuple = ()) -> subprocess.CompletedProcess:
+    port = str(random.randint(20000, 40000))
+    return run_cli("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", port, *extra, "-m", "tl_dist.train", *args, timeout=timeout)

@@ -1,0 +1,60 @@
+import json
+import os
+
+import pytest
+import torch
+
+from tl_dist import checkpoint
+from tl_dist.errors import UserError
+
+
+def _meta(n=2):
+    return {"classes": [f"c{i}" for i in range(n)], "num_classes": n, "arch": "resnet18"}
+
+
+def test_round_trip_metadata_in_header_and_json(tmp_path):
+    state = {"fc.weight": torch.randn(2, 4), "fc.bias": torch.zeros(2)}
+    checkpoint.save_weights(tmp_path / "best.safetensors", state, _meta())
+    got, meta = checkpoint.load_weights(tmp_path / "best.safetensors")
+    assert torch.equal(got["fc.weight"], state["fc.weight"]) and meta["classes"] == ["c0", "c1"]
+    assert json.loads((tmp_path / "best.json").read_text()) == meta
+    assert checkpoint.read_metadata(tmp_path / "best.safetensors") == meta
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    p = tmp_path / "best.safetensors"
+    checkpoint.save_weights(p, {"fc.weight": torch.ones(2, 1), "fc.bias": torch.ones(2)}, _meta())
+    before = p.read_bytes()
+
+    def crash(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        checkpoint.save_weights(p, {"fc.weight": torch.zeros(2, 1), "fc.bias": torch.zeros(2)}, _meta())
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_damaged_checkpoint_names_file(tmp_path, damage):
+    p = tmp_path / "best.safetensors"
+    checkpoint.save_weights(p, {"fc.weight": torch.ones(2, 1000), "fc.bias": torch.ones(2)}, _meta())
+    b = p.read_bytes()
+    p.write_bytes({"truncate": b[:-100], "header": b[:8] + b"{nonsense" + b[17:], "empty": b""}[damage])
+    with pytest.raises(UserError, match=str(p)):
+        checkpoint.load_weights(p)
+
+
+def test_metadata_must_match_weights(tmp_path):
+    p = tmp_path / "best.safetensors"
+    checkpoint.save_weights(p, {"fc.weight": torch.ones(3, 4), "fc.bias": torch.ones(3)}, _meta(2))
+    with pytest.raises(UserError, match="metadata does not match the weights"):
+        checkpoint.load_weights(p)
+
+
+def test_resume_state_loads_without_unpickling_code(tmp_path):
+    checkpoint.save_state(tmp_path / "resume.pt", {"epoch": 3, "t": torch.ones(2), "h": [{"a": 1.0}]})
+    assert checkpoint.load_state(tmp_path / "resume.pt")["epoch"] == 3
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="bad.pt"):
+        checkpoint.load_state(tmp_path / "bad.pt")

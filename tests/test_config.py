@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from tl_dist import config
+from tl_dist.errors import UserError
+
+from .conftest import ROOT, run_cli
+
+
+def test_defaults_are_the_seeds_values():
+    c = config.load()
+    assert (c.data.image_size, c.data.resize_size, c.data.batch_size, c.data.num_workers) == (224, 256, 4, 4)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.001, 0.9, 0.0)
+    assert (c.scheduler.step_size, c.scheduler.gamma, c.train.epochs) == (7, 0.1, 25)
+    assert c.model.arch == "resnet18" and c.model.weights == "imagenet"
+
+
+def test_shipped_configs_load():
+    for name in ("finetune", "frozen", "demo"):
+        config.load(ROOT / "configs" / f"{name}.yaml")
+    assert config.load(ROOT / "configs" / "frozen.yaml").model.mode == "frozen"
+    assert config.load(ROOT / "configs" / "finetune.yaml").model.mode == "finetune"
+
+
+def test_overrides_typed_and_last_wins(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 5\n")
+    c = config.load(f, ["train.epochs=2", "data.mean=[0.5, 0.5, 0.5]", "train.epochs=3", "optim.lr=1e-2"])
+    assert c.train.epochs == 3 and c.data.mean == [0.5, 0.5, 0.5] and c.optim.lr == 0.01
+
+
+def test_yaml_bare_no_means_no(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    assert config.load(f).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  epoch: 3\n", "'train.epoch' (in {f}) (did you mean 'train.epochs'?)"),
+    ("trian:\n  epochs: 3\n", "unknown section 'trian' (in {f}) (did you mean 'train'?)"),
+    ("train:\n  epochs: three\n", "train.epochs (in {f}) must be an integer"),
+    ("model:\n  mode: frozn\n", "model.mode (in {f}) must be one of finetune|frozen"),
+    ("data:\n  batch_size: 0\n", "data.batch_size (in {f}) must be a positive integer"),
+    ("train:\n  plots: maybe\n", "train.plots (in {f}) must be true or false"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("train: [\n", "is not valid YAML"),
+])
+def test_bad_file_names_key_and_file(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        config.load(f)
+    assert needle.format(f=f) in str(e.value)
+
+
+def test_bad_override_names_command_line():
+    with pytest.raises(UserError, match=r"'optim.lrr' \(in command line\) \(did you mean 'optim.lr'\?\)"):
+        config.load(None, ["optim.lrr=0.1"])
+    with pytest.raises(UserError, match="section.key=value"):
+        config.load(None, ["epochs"])
+
+
+def test_python_tags_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    f = tmp_path / "evil.yaml"
+    f.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(f)
+    assert not marker.exists()
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    r = run_cli("-m", "tl_dist.train", "--config", "configs/demo.yaml", "train.epohcs=1")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "train.epohcs" in r.stderr and "train.epochs" in r.stderr
+    r = run_cli("-m", "tl_dist.train", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "file not found" in r.stderr
+
+
+def test_dump_round_trips():
+    c = config.load(None, ["train.epochs=2", "model.mode=frozen"])
+    assert config.from_dict(__import__("yaml").safe_load(config.dump(c))) == c

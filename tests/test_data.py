@@ -1,0 +1,121 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from tl_dist import config, data
+from tl_dist.errors import UserError
+
+from .conftest import make_images
+
+
+def test_class_mismatch_lists_difference(tmp_path):
+    make_images(tmp_path, {"train": {"ants": 2, "bees": 2, "wasps": 1}, "val": {"ants": 1, "bees": 1, "moths": 1}})
+    with pytest.raises(UserError, match=r"only in train: \['wasps'\]; only in val: \['moths'\]"):
+        data.list_splits(str(tmp_path))
+
+
+def test_missing_split_and_empty_split(tmp_path):
+    make_images(tmp_path, {"train": {"ants": 2, "bees": 2}})
+    with pytest.raises(UserError, match="split folder not found: .*val"):
+        data.list_splits(str(tmp_path))
+    (tmp_path / "val" / "ants").mkdir(parents=True)
+    with pytest.raises(UserError, match="is empty"):
+        data.list_splits(str(tmp_path))
+    with pytest.raises(UserError, match="data.root not found"):
+        data.list_splits(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("n, bs, world", [(22, 4, 2), (13, 2, 3), (5, 4, 2), (8, 4, 2), (1, 1, 4)])
+def test_global_batches_do_not_depend_on_world_size(n, bs, world):
+    single = data.TrainBatchSampler(n, bs * world, 1, 0, seed=3)
+    ranks = [data.TrainBatchSampler(n, bs, world, r, seed=3) for r in range(world)]
+    for s in [single, *ranks]:
+        s.set_epoch(2)
+    per_rank = [list(r) for r in ranks]
+    assert all(len(p) == len(single) for p in per_rank)  # same step count on every rank
+    for step, batch in enumerate(single):
+        real = [k[0] for p in per_rank for k in p[step] if k[2] > 0]
+        assert real == [k[0] for k in batch]  # the same samples, in the same order
+        assert len(real) == single.global_count(step) == ranks[0].global_count(step)
+    seen = [k[0] for b in single for k in b]
+    assert sorted(seen) == list(range(n))  # every sample once per epoch
+
+
+def test_order_changes_with_epoch_and_seed():
+    a = data.epoch_order(50, 0, 0)
+    assert a != data.epoch_order(50, 0, 1) and a != data.epoch_order(50, 1, 0) and a == data.epoch_order(50, 0, 0)
+
+
+def test_eval_shards_cover_each_sample_once():
+    for n, world in [(13, 2), (3, 4), (100, 3)]:
+        idx = [k[0] for r in range(world) for b in data.EvalBatchSampler(n, 4, world, r) for k in b]
+        assert idx == list(range(n))
+
+
+def test_eval_transform_matches_seed_pipeline(tiny_data):
+    path = next((tiny_data / "val" / "ants").iterdir())
+    img = Image.open(path).convert("RGB")
+    seed_tf = transforms.Compose([transforms.Resize(36), transforms.CenterCrop(32), transforms.ToTensor(),
+                                  transforms.Normalize(config.IMAGENET_MEAN, config.IMAGENET_STD)])
+    ours = data.normalize(data.eval_transform(img, 36, 32)[None], config.IMAGENET_MEAN, config.IMAGENET_STD, False)
+    torch.testing.assert_close(ours[0], seed_tf(img), atol=1e-5, rtol=0)
+
+
+def test_train_transform_is_seed_crop_with_per_sample_draws(tiny_data):
+    cfg = config.load(None, ["data.image_size=32"]).data
+    img = Image.open(next((tiny_data / "train" / "bees").iterdir())).convert("RGB")
+    a = data.train_transform(img, data.sample_rng(0, 1, 5), cfg)
+    assert torch.equal(a, data.train_transform(img, data.sample_rng(0, 1, 5), cfg))  # same key, same draw
+    assert not torch.equal(a, data.train_transform(img, data.sample_rng(0, 2, 5), cfg))
+    # The same crop parameters through torchvision's own functional path give the same pixels.
+    i, j, h, w = data.rrc_params(data.sample_rng(0, 1, 5), img.width, img.height, cfg.scale, cfg.ratio)
+    ref = transforms.functional.resized_crop(img, i, j, h, w, [32, 32])
+    ref_flipped = transforms.functional.hflip(ref)
+    got = a.permute(1, 2, 0).numpy()
+    assert np.array_equal(got, np.asarray(ref)) or np.array_equal(got, np.asarray(ref_flipped))
+
+
+def test_rrc_params_have_torchvisions_distribution():
+    """Same algorithm as RandomResizedCrop.get_params, only the random source differs."""
+    img = Image.new("RGB", (400, 300))
+    torch.manual_seed(0)
+    ours, ref = [], []
+    for k in range(3000):
+        i, j, h, w = data.rrc_params(data.sample_rng(0, 0, k), 400, 300, [0.08, 1.0], [3 / 4, 4 / 3])
+        assert 0 <= i <= 300 - h and 0 <= j <= 400 - w
+        ours.append((h * w / 120000, w / h, (j + w / 2) / 400))
+        _, _, h, w = transforms.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
+        ref.append((h * w / 120000, w / h, 0.5))
+    ours, ref = np.array(ours), np.array(ref)
+    assert abs(ours[:, 0].mean() - ref[:, 0].mean()) < 0.02  # area
+    assert abs(ours[:, 1].mean() - ref[:, 1].mean()) < 0.02  # aspect ratio
+    assert ours[:, 0].min() >= 0.075 and ours[:, 1].min() > 0.7 and ours[:, 1].max() < 1.4
+    assert abs(ours[:, 2].mean() - 0.5) < 0.02  # crop centres not biased to one side
+
+
+def test_augmentation_independent_of_workers(tiny_data):
+    cfg = config.load(None, ["data.image_size=32", "data.cache=none"]).data
+    classes, train, val = data.list_splits(str(tiny_data))
+    batches = []
+    for workers in (0, 2):
+        cfg.num_workers = workers
+        d = data.build(cfg, classes, train, val, seed=1)
+        d.train_sampler.set_epoch(3)
+        batches.append(torch.cat([b[0] for b in d.train_loader]))
+    assert torch.equal(batches[0], batches[1])
+
+
+def test_cache_gives_same_pixels(tiny_data):
+    classes, train, val = data.list_splits(str(tiny_data))
+    out = []
+    for cache in ("none", "ram"):
+        cfg = config.load(None, ["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
+                                 f"data.cache={cache}"]).data
+        d = data.build(cfg, classes, train, val, seed=0)
+        assert d.cached == (cache == "ram")
+        out.append((torch.cat([b[0] for b in d.train_loader]), torch.cat([b[0] for b in d.val_loader])))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])

@@ -1,0 +1,88 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tl_dist import config, model
+from tl_dist.errors import UserError
+
+
+def _cfg(*over):
+    return config.load(None, list(over)).model
+
+
+def test_finetune_trains_everything_frozen_only_fc():
+    m = model.build(_cfg("model.weights=none"), 3)
+    assert m.fc.out_features == 3 and all(p.requires_grad for p in m.parameters())
+    f = model.build(_cfg("model.weights=none", "model.mode=frozen"), 3)
+    assert [n for n, p in f.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+
+
+def test_frozen_backbone_stays_in_eval_mode_unless_seed_behaviour():
+    f = model.build(_cfg("model.weights=none", "model.mode=frozen"), 2)
+    model.set_train_mode(f, True, frozen=True, frozen_bn="eval")
+    assert f.fc.training and not f.bn1.training and not f.layer4[1].bn2.training
+    model.set_train_mode(f, True, frozen=True, frozen_bn="train")
+    assert f.bn1.training
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_loaded_except_head(tmp_path, suffix):
+    src = model.create("resnet18", 1000)
+    state = src.state_dict()
+    p = tmp_path / f"w{suffix}"
+    save_file(state, str(p)) if suffix == ".safetensors" else torch.save(state, p)
+    m = model.build(_cfg(f"model.weights={p}"), 2)
+    torch.testing.assert_close(m.conv1.weight, src.conv1.weight, rtol=0, atol=0)
+    assert m.fc.out_features == 2
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil.pth"
+    with open(p, "wb") as f:
+        pickle.dump({"conv1.weight": _Evil(str(marker))}, f)
+    torch.save({"x": _Evil(str(marker))}, tmp_path / "evil2.pth")
+    marker.unlink(missing_ok=True)
+    for bad in (p, tmp_path / "evil2.pth"):
+        with pytest.raises(UserError, match="refusing to load"):
+            model.build(_cfg(f"model.weights={bad}"), 2)
+    assert not marker.exists()
+
+
+def test_wrong_weights_and_missing_file(tmp_path):
+    p = tmp_path / "w.safetensors"
+    save_file({"conv1.weight": torch.zeros(1)}, str(p))
+    with pytest.raises(UserError, match="do not fit"):
+        model.build(_cfg(f"model.weights={p}"), 2)
+    with pytest.raises(UserError, match="weights file not found"):
+        model.build(_cfg(f"model.weights={tmp_path / 'nope.pth'}"), 2)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        model.build(_cfg(f"model.weights={tmp_path / 'junk.safetensors'}"), 2)
+
+
+def test_imagenet_offline_names_file_and_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as e:
+        model.build(_cfg("model.weights=imagenet"), 2)
+    msg = str(e.value)
+    assert "resnet18-f37072fd.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+
+
+def test_unknown_arch():
+    with pytest.raises(UserError, match="unknown model.arch 'resnet19'"):
+        model.build(_cfg("model.arch=resnet19", "model.weights=none"), 2)

@@ -1,0 +1,214 @@
+"""Single-process predictor: a checkpoint (safetensors + its metadata) -> model + eval transform -> top-k.
+
+    python -m tl_dist.predict IMG [IMG|DIR ...] [--checkpoint RUN_DIR|FILE] [--topk K] [--json]
+
+Needs nothing but the checkpoint: no config file, no training code paths, no torch.distributed.
+Nothing is unpickled. Exit codes: 0 all predicted, 1 some images failed, 2 bad usage or checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import UserError, one_line
+
+DEFAULT_RUNS = Path("runs")
+
+
+class Predictor:
+    """``Predictor.from_checkpoint(path).predict([paths or PIL images])`` -> list of result dicts."""
+
+    def __init__(self, model, meta: dict, device: str = "cpu"):
+        self.model, self.meta, self.device = model.eval(), meta, device
+        self.classes: list[str] = meta["classes"]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
+        import torch
+
+        from . import checkpoint
+        from .model import create
+
+        state, meta = checkpoint.load_weights(checkpoint.resolve(path))
+        for key in ("arch", "image_size", "resize_size", "mean", "std"):
+            if key not in meta:
+                raise UserError(f"checkpoint: {path}: metadata lacks {key!r}; not a tl_dist checkpoint?")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise UserError("predict: --device cuda but no CUDA device is available; use --device cpu")
+        model = create(meta["arch"], meta["num_classes"])
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint: {path}: weights do not match arch {meta['arch']!r}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+        return cls(model.to(device), meta, device)
+
+    def _tensor(self, item):
+        from PIL import Image
+
+        from .data import eval_transform
+        from .images import load_rgb
+
+        img = item.convert("RGB") if isinstance(item, Image.Image) else load_rgb(str(item))
+        return eval_transform(img, self.meta["resize_size"], self.meta["image_size"])
+
+    def predict(self, items: Iterable, topk: int | None = None, batch_size: int = 32) -> list[dict]:
+        """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error."""
+        import torch
+
+        from .data import normalize
+        from .images import BadImage
+
+        k = min(topk or 3, len(self.classes))
+        items = list(items)
+        results: list[dict | None] = [None] * len(items)
+        ready: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not ready:
+                return
+            x = torch.stack([t for _, t in ready]).to(self.device)
+            x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=False)
+            with torch.inference_mode():
+                probs = self.model(x).float().softmax(1).cpu()
+            for (i, _), p in zip(ready, probs):
+                top = torch.topk(p, k)
+                results[i] = {"path": _name(items[i]), "label": self.classes[int(top.indices[0])],
+                              "prob": float(top.values[0]),
+                              "topk": [{"label": self.classes[int(c)], "prob": float(v)}
+                                       for v, c in zip(top.values, top.indices)]}
+            ready.clear()
+
+        for i, item in enumerate(items):
+            try:
+                ready.append((i, self._tensor(item)))
+            except BadImage as e:
+                results[i] = {"path": _name(item), "error": str(e)}
+            if len(ready) >= batch_size:
+                flush()
+        flush()
+        return results  # type: ignore[return-value]
+
+
+def _name(item) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__}>"
+
+
+def expand(inputs: Sequence[str]) -> list[str]:
+    """Files as given; directories walked (sorted) for image files."""
+    from .images import IMAGE_EXTENSIONS
+
+    out: list[str] = []
+    for s in inputs:
+        if os.path.isdir(s):
+            for dirpath, dirnames, files in os.walk(s):
+                dirnames.sort()
+                out += [os.path.join(dirpath, f) for f in sorted(files)
+                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        else:
+            out.append(s)  # a missing file is reported per image, not as a usage error
+    return out
+
+
+def default_checkpoint() -> Path:
+    found = sorted(DEFAULT_RUNS.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"predict: no --checkpoint given and no {DEFAULT_RUNS}/*/best.safetensors here; "
+                        f"train first (python -m tl_dist.train --config configs/demo.yaml) or pass --checkpoint")
+    return found[-1]
+
+
+def save_plot(results: list[dict], path: str) -> None:
+    from PIL import Image
+
+    from .data import eval_transform
+    from .images import load_rgb
+    from .visualize import GREEN, grid
+
+    tiles = []
+    for r in results[:16]:
+        if "error" in r:
+            continue
+        img = eval_transform(load_rgb(r["path"]), 256, 224)
+        tiles.append((Image.fromarray(img.permute(1, 2, 0).numpy()),
+                      f"predicted: {r['label']} ({r['prob']:.2f})", GREEN))
+    if not tiles:
+        raise UserError(f"predict: --save-plot {path}: no image could be predicted, nothing to draw")
+    grid(tiles, Path(path), cols=min(4, len(tiles)))
+
+
+def print_table(results: list[dict], k: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    t.add_column("image")
+    t.add_column("predicted")
+    t.add_column("prob", justify="right")
+    if k > 1:
+        t.add_column(f"top {k}")
+    for r in results:
+        if "error" in r:
+            continue
+        row = [r["path"], r["label"], f"{r['prob']:.3f}"]
+        if k > 1:
+            row.append(", ".join(f"{e['label']} {e['prob']:.3f}" for e in r["topk"]))
+        t.add_row(*row)
+    Console().print(t)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tl_dist.predict",
+                                description="Predict image classes with a tl_dist checkpoint.")
+    p.add_argument("images", nargs="+", help="image files and/or directories (walked for images)")
+    p.add_argument("--checkpoint", "-c", help="run directory (uses its best.safetensors) or a .safetensors "
+                   "file; default: the newest runs/*/best.safetensors")
+    p.add_argument("--topk", type=int, default=None, help="classes to show per image (default min(3, classes))")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout, nothing else")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--save-plot", metavar="FILE.png", help="draw the images with their predicted class")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.topk is not None and args.topk < 1:
+            raise UserError("predict: --topk must be 1 or more")
+        if args.batch_size < 1:
+            raise UserError("predict: --batch-size must be 1 or more")
+        ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+        if not args.checkpoint and not args.json:
+            print(f"using checkpoint {ckpt}", file=sys.stderr)
+        paths = expand(args.images)
+        if not paths:
+            raise UserError(f"predict: no image files found in {' '.join(args.images)}")
+        predictor = Predictor.from_checkpoint(ckpt, device=args.device)
+        k = min(args.topk or 3, len(predictor.classes))
+        results = predictor.predict(paths, topk=k, batch_size=args.batch_size)
+        failed = [r for r in results if "error" in r]
+        if args.json:
+            for r in results:
+                print(json.dumps(r))
+        else:
+            for r in failed:
+                print(f"error: {one_line(r['error'])}", file=sys.stderr)
+            if len(failed) < len(results):
+                print_table(results, k)
+        if args.save_plot:
+            save_plot(results, args.save_plot)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
