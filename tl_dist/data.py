@@ -200,9 +200,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class TrainBatchSampler:
     """Global batches of batch_size * world samples in (seed, epoch) order; this rank's slice of each.
 
-    The last global batch may be short. A rank whose slice is empty gets one padding sample with
-    weight 0, so every rank runs the same number of steps (DDP needs that) while the padding never
-    reaches the gradient. ``global_count(step)`` is the number of real samples in a global step.
+    The last global batch may be short. A rank whose slice is empty (or holds one sample) is padded
+    to two samples with weight 0, so every rank runs the same number of steps (DDP needs that) and
+    BatchNorm has more than one value per channel, while the padding never reaches the gradient. ``global_count(step)`` is the number of real samples in a global step.
     """
 
     def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, shuffle: bool = True):
@@ -225,10 +225,11 @@ class TrainBatchSampler:
         for step in range(len(self)):
             chunk = order[step * g:(step + 1) * g]
             mine = chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
-            if mine:
-                yield [(i, self.epoch, 1.0) for i in mine]
-            else:
-                yield [(chunk[0], self.epoch, 0.0)]
+            keys = [(i, self.epoch, 1.0) for i in mine]
+            # At least 2 per step: BatchNorm in train mode cannot normalise a single 1x1 feature map.
+            while len(keys) < 2:
+                keys.append((chunk[len(keys) % len(chunk)], self.epoch, 0.0))
+            yield keys
 
 
 class EvalBatchSampler:

@@ -28,7 +28,7 @@ from .engine import StepContext, evaluate, train_one_epoch
 from .errors import UserError, one_line
 from .images import scan_files
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM stop exits 143
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RunResult:
     best_val_acc: float
     best_epoch: int
     history: list[dict] = field(default_factory=list)
-    interrupted: bool = False
+    interrupted: int = 0  # the signal that stopped the run, 0 if it ran to the end
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -118,18 +118,26 @@ def versions() -> dict[str, str]:
 
 
 def rng_state() -> dict[str, Any]:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as plain Python values (bytes, ints): safe to gather across ranks
+    and to load back with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = {"python": random.getstate(), "numpy": (name, keys.tobytes(), pos, has_gauss, gauss),
+         "torch": torch.get_rng_state().numpy().tobytes()}
     if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
+        s["cuda"] = [t.numpy().tobytes() for t in torch.cuda.get_rng_state_all()]
     return s
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
+    def tensor(b: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(tensor(s["torch"]))
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([tensor(b) for b in s["cuda"]])
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
@@ -248,7 +256,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             visualize.train_batch(d.train, classes, out / "train_batch.png", seed=cfg.train.seed)
 
     t_run = time.perf_counter()
-    interrupted = False
+    interrupted = 0
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = lr_at(cfg, epoch)
         for g in optimizer.param_groups:
@@ -257,7 +265,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         tr = train_one_epoch(accelerator, net, optimizer, d.train_loader, d.train_sampler, ctx, epoch,
                              should_stop=lambda: stop.check(accelerator))
         if tr.stopped:
-            interrupted = True
+            interrupted = stop.signum or signal.SIGTERM
             break
         va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch)
         bad = sorted(set(tr.bad + va.bad))
@@ -294,15 +302,15 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             print(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {tr.loss:.4f} acc {tr.acc:.4f}  "
                   f"val loss {va.loss:.4f} acc {va.acc:.4f}  lr {lr:.2g}  {row['seconds']:.1f}s"
                   f"{'  *best' if is_best else ''}", flush=True)
-        if stop.check(accelerator):
-            interrupted = epoch + 1 < cfg.train.epochs
+        if stop.check(accelerator) and epoch + 1 < cfg.train.epochs:
+            interrupted = stop.signum or signal.SIGTERM
             break
     total = time.perf_counter() - t_run
     accelerator.wait_for_everyone()
     if interrupted:
         log(f"interrupted: stopped at a step boundary; the last complete epoch is saved in {out}. "
             f"Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
-        return RunResult(out, best_acc, best_epoch, history, interrupted=True)
+        return RunResult(out, best_acc, best_epoch, history, interrupted=int(interrupted))
 
     if best_state is not None:  # as the seed does: the model ends with the best weights
         accelerator.unwrap_model(net).load_state_dict(best_state)
@@ -386,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return 128 + result.interrupted if result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""End-to-end CPU runs of the trainer, in-process (python -m tl_dist.train's own main())."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from tl_dist import checkpoint, model, train
+from tl_dist.predict import Predictor
+
+from .conftest import FAST, ROOT, make_images
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(out, data_dir, *over):
+    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
+                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft")
+    assert _run(out, tiny_data, "train.epochs=3", "train.plots=true") == 0
+    return out
+
+
+def test_run_directory_and_metadata(finetune_run, tiny_data):
+    out = finetune_run
+    for f in ("best.safetensors", "best.json", "last.safetensors", "last.json", "metrics.jsonl", "config.yaml",
+              "resume.pt"):
+        assert (out / f).is_file(), f
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["train_samples"] == 22 and r["val_samples"] == 13 for r in rows)
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                            "train_samples", "val_samples"}
+    best = json.loads((out / "best.json").read_text())
+    top = max(r["val_acc"] for r in rows)
+    assert best["val_acc"] == top and best["epoch"] == next(r["epoch"] for r in rows if r["val_acc"] == top)
+    assert best["classes"] == ["ants", "bees"] and best["num_classes"] == 2 and best["arch"] == "resnet18"
+    assert best["world_size"] == 1 and best["mixed_precision"] == "no" and best["mode"] == "finetune"
+    assert (best["image_size"], best["resize_size"]) == (32, 36) and len(best["mean"]) == 3
+    assert best["config"]["train"]["epochs"] == 3 and "torch" in best["versions"]
+    assert json.loads((out / "last.json").read_text())["epoch"] == 2
+    # The weights file carries the same description in its own header.
+    assert checkpoint.read_metadata(out / "best.safetensors") == best
+    assert list(load_file(str(out / "best.safetensors")))[0].split(".")[0] in dict(model.create("resnet18", 2).named_children())
+
+
+def test_pictures_written(finetune_run):
+    for name, min_size in (("train_batch", 400), ("val_predictions", 400), ("curves", 400), ("confusion_matrix", 200)):
+        with Image.open(finetune_run / f"{name}.png") as im:
+            im.verify()
+        with Image.open(finetune_run / f"{name}.png") as im:
+            assert im.width >= min_size and im.height >= 150, name
+
+
+def test_predictor_accuracy_equals_val_acc(finetune_run, tiny_data):
+    p = Predictor.from_checkpoint(finetune_run, device="cpu")
+    paths = sorted((tiny_data / "val").rglob("*.jpg"))
+    res = p.predict([str(x) for x in paths], topk=2, batch_size=5)
+    correct = sum(r["label"] == x.parent.name for r, x in zip(res, paths))
+    assert correct / len(paths) == json.loads((finetune_run / "best.json").read_text())["val_acc"]
+
+
+def test_same_seed_same_run(tiny_data, tmp_path):
+    for name in ("a", "b"):
+        assert _run(tmp_path / name, tiny_data, "train.epochs=1") == 0
+    a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frozen_backbone_and_bn_buffers_bit_identical(tiny_data, tmp_path):
+    init = model.create("resnet18", 1000).state_dict()
+    save_file(init, str(tmp_path / "init.safetensors"))
+    assert _run(tmp_path / "run", tiny_data, "model.mode=frozen", "train.epochs=2",
+                f"model.weights={tmp_path / 'init.safetensors'}") == 0
+    for name in ("best", "last"):
+        got = load_file(str(tmp_path / "run" / f"{name}.safetensors"))
+        for k, v in init.items():
+            if not k.startswith("fc."):
+                assert torch.equal(got[k], v), k  # parameters and BN running stats alike
+    # The seed's behaviour on request: BN statistics move although no parameter does.
+    assert _run(tmp_path / "seedbn", tiny_data, "model.mode=frozen", "train.epochs=1", "model.frozen_bn=train",
+                f"model.weights={tmp_path / 'init.safetensors'}") == 0
+    got = load_file(str(tmp_path / "seedbn" / "last.safetensors"))
+    assert torch.equal(got["conv1.weight"], init["conv1.weight"])
+    assert not torch.equal(got["bn1.running_mean"], init["bn1.running_mean"])
+
+
+def test_bad_images_stop_or_are_skipped(tmp_path, capsys):
+    data_dir = make_images(tmp_path / "d", {"train": {"a": 6, "b": 6}, "val": {"a": 3, "b": 3}})
+    (data_dir / "train" / "a" / "broken.jpg").write_bytes(b"")
+    (data_dir / "val" / "b" / "fake.png").write_text("hello")
+    assert _run(tmp_path / "r1", data_dir, "train.epochs=1") == 2
+    err = capsys.readouterr().err
+    assert "2 bad image file(s)" in err and "broken.jpg" in err and "fake.png" in err and "skip_bad_images" in err
+    assert not (tmp_path / "r1" / "last.safetensors").exists()
+    assert _run(tmp_path / "r2", data_dir, "train.epochs=1", "data.skip_bad_images=true") == 0
+    assert "leaving out 2 bad image file(s)" in capsys.readouterr().out
+    row = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text())
+    assert row["train_samples"] == 12 and row["val_samples"] == 6
+
+
+def test_unwritable_output_dir_fails_before_training(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _run(blocker / "sub", tiny_data, "train.epochs=1") == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_mode(finetune_run, tiny_data, capsys):
+    assert _run(finetune_run, tiny_data, "train.epochs=4", "model.mode=frozen") == 2
+    assert "trained with mode='finetune'" in capsys.readouterr().err
