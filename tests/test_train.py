@@ -118,3 +118,15 @@ def test_unwritable_output_dir_fails_before_training(tiny_data, tmp_path, capsys
 def test_resume_refuses_other_mode(finetune_run, tiny_data, capsys):
     assert _run(finetune_run, tiny_data, "train.epochs=4", "model.mode=frozen") == 2
     assert "trained with mode='finetune'" in capsys.readouterr().err
+
+
+def test_grad_accumulation_matches_larger_batch(tiny_data, tmp_path):
+    """k accumulated micro-batches == one k-times-larger batch (frozen: BN fixed, so exact in fp32)."""
+    save_file(model.create("resnet18", 1000).state_dict(), str(tmp_path / "init.safetensors"))
+    common = ("model.mode=frozen", f"model.weights={tmp_path / 'init.safetensors'}", "train.epochs=1",
+              "optim.lr=0.05")
+    assert _run(tmp_path / "big", tiny_data, *common, "data.batch_size=6") == 0
+    assert _run(tmp_path / "acc", tiny_data, *common, "data.batch_size=2", "train.grad_accum_steps=3") == 0
+    a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("big", "acc"))
+    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["fc.bias"], b["fc.bias"], rtol=1e-5, atol=1e-6)

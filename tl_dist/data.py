@@ -259,6 +259,7 @@ class Data:
     val_loader: DataLoader
     train_sampler: TrainBatchSampler
     cached: bool
+    workers: int  # loader workers actually used
 
 
 def _loader(ds: ImageDataset, sampler, workers: int, pin: bool) -> DataLoader:
@@ -284,7 +285,11 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
     eval_bs = cfg.eval_batch_size or 8 * cfg.batch_size
+    # Training on the CPU from the RAM cache: what is left to load is light, and loader workers
+    # would only take cores from the model (measured on 2 cores: 0 workers is fastest).
+    workers = 0 if use_cache and not pin_memory else cfg.num_workers
     return Data(classes, train_ds, val_ds,
-                _loader(train_ds, sampler, cfg.num_workers, pin_memory),
-                _loader(val_ds, EvalBatchSampler(len(val), eval_bs, world, rank), cfg.num_workers, pin_memory),
-                sampler, use_cache)
+                _loader(train_ds, sampler, workers, pin_memory),
+                _loader(val_ds, EvalBatchSampler(len(val), eval_bs, world, rank), 0 if use_cache else workers,
+                        pin_memory),
+                sampler, use_cache, workers)

@@ -148,7 +148,7 @@ def print_table(results: list[dict], k: int) -> None:
     from rich.table import Table
 
     t = Table()
-    t.add_column("image")
+    t.add_column("image", overflow="fold")
     t.add_column("predicted")
     t.add_column("prob", justify="right")
     if k > 1:
@@ -160,7 +160,8 @@ def print_table(results: list[dict], k: int) -> None:
         if k > 1:
             row.append(", ".join(f"{e['label']} {e['prob']:.3f}" for e in r["topk"]))
         t.add_row(*row)
-    Console().print(t)
+    # Piped output has no terminal width; keep whole paths on one line there.
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -250,7 +250,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
-            f"{accelerator.device.type}; mixed precision {mp}; decoded-image cache {'on' if d.cached else 'off'}")
+            f"{accelerator.device.type}; mixed precision {mp}; decoded-image cache {'on' if d.cached else 'off'}; {d.workers} loader worker(s)")
         if cfg.train.plots and start_epoch == 0:
             from . import visualize
             visualize.train_batch(d.train, classes, out / "train_batch.png", seed=cfg.train.seed)

@@ -1,0 +1,67 @@
+"""The predictor CLI on a tiny trained run: table, JSON, bad files, exit codes, plot."""
+import json
+
+import pytest
+from PIL import Image
+
+from tl_dist import train
+
+from .conftest import FAST, ROOT, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pred")
+    assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={tiny_data}",
+                       "data.demo=false", f"train.output_dir={out}", "train.epochs=1"]) == 0
+    return out
+
+
+def test_json_output_fields(run_dir, tiny_data):
+    r = run_cli("-m", "tl_dist.predict", str(tiny_data / "val"), "--checkpoint", str(run_dir), "--json", "--topk", "2")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(rows) == 13
+    for row in rows:
+        assert set(row) == {"path", "label", "prob", "topk"} and row["label"] in ("ants", "bees")
+        assert [t["label"] for t in row["topk"]][0] == row["label"] and len(row["topk"]) == 2
+        assert abs(sum(t["prob"] for t in row["topk"]) - 1) < 1e-4
+
+
+def test_mixed_good_and_bad_files(run_dir, tiny_data, tmp_path):
+    good = next((tiny_data / "val" / "ants").iterdir())
+    (tmp_path / "text.jpg").write_text("nope")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(good.read_bytes()[:300])
+    args = [str(good), str(tmp_path / "missing.png"), str(tmp_path / "text.jpg"), str(trunc)]
+    r = run_cli("-m", "tl_dist.predict", *args, "--checkpoint", str(run_dir / "best.safetensors"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert good.name in r.stdout  # the good one is still predicted, in the table
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(l.startswith("error: ") for l in lines)
+    assert "missing.png: file not found" in r.stderr and "text.jpg" in r.stderr and "trunc.jpg" in r.stderr
+    r = run_cli("-m", "tl_dist.predict", *args, "--checkpoint", str(run_dir), "--json")
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert r.returncode == 1 and [("error" in x) for x in rows] == [False, True, True, True]
+    r = run_cli("-m", "tl_dist.predict", str(good), "--checkpoint", str(run_dir))
+    assert r.returncode == 0
+
+
+def test_bad_checkpoint_exit_2(run_dir, tiny_data, tmp_path):
+    img = str(next((tiny_data / "val" / "ants").iterdir()))
+    r = run_cli("-m", "tl_dist.predict", img, "--checkpoint", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "not found" in r.stderr
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((run_dir / "best.safetensors").read_bytes()[:5000])
+    r = run_cli("-m", "tl_dist.predict", img, "--checkpoint", str(broken))
+    assert r.returncode == 2 and "broken.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_save_plot(run_dir, tiny_data, tmp_path):
+    img = str(next((tiny_data / "val" / "bees").iterdir()))
+    r = run_cli("-m", "tl_dist.predict", img, "--checkpoint", str(run_dir), "--save-plot", str(tmp_path / "p.png"))
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.width >= 224 and im.height >= 224
