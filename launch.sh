@@ -34,8 +34,8 @@ fi
 per_machine=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
 total=$(( per_machine * NUM_MACHINES ))
 multi=()
+# --multi_gpu starts the processes; without CUDA, tl_dist itself asks accelerate for a gloo group.
 [ "$total" -gt 1 ] && multi=(--multi_gpu)
-[ "$NUM_GPUS" -eq 0 ] && multi+=(--cpu)
 
 # shellcheck disable=SC2086
 exec "$PYTHON" -m accelerate.commands.launch "${multi[@]}" \

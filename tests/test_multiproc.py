@@ -47,3 +47,71 @@ def test_frozen_parity_one_vs_two_processes(tiny_data, tmp_path):
     for x, y in zip(ra, rb):
         assert x["val_acc"] == y["val_acc"] and x["val_samples"] == y["val_samples"] == 13
         assert abs(x["val_loss"] - y["val_loss"]) < 1e-5 and abs(x["train_loss"] - y["train_loss"]) < 1e-5
+
+
+def test_two_process_resume_continues(tiny_data, tmp_path):
+    """The resume state is read on rank 0 and broadcast: every rank continues from it."""
+    r = accelerate_launch(2, *_args(tiny_data, tmp_path, "train.epochs=1", "data.batch_size=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = accelerate_launch(2, *_args(tiny_data, tmp_path, "train.epochs=2", "data.batch_size=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout and r.stdout.count("epoch 2/2 ") == 1 and "epoch 1/2 " not in r.stdout
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in rows] == [0, 1]
+
+
+def _node(rank, port, data_dir, out, *over):
+    """One machine of a 2-machine job through ./launch.sh and its documented environment variables."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PROCESS_IP": "127.0.0.1",
+           "MAIN_PROCESS_PORT": str(port), "NUM_GPUS": "0"}
+    cmd = ["./launch.sh", str(ROOT / "configs" / "demo.yaml"), *_args(data_dir, out, *over)[2:]]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_launch_sh_without_gpu_runs_one_cpu_process(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["./launch.sh", str(ROOT / "configs" / "demo.yaml"),
+                        *_args(tiny_data, tmp_path, "train.epochs=1")[2:]],
+                       env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 process(es) on cpu" in r.stdout and (tmp_path / "best.safetensors").exists()
+    r = subprocess.run(["./launch.sh"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_two_machines_one_job(tiny_data, tmp_path):
+    """Two launches with num_machines=2 on 127.0.0.1 form one job equal to a 2-process run."""
+    import random
+    port = random.randint(20000, 40000)
+    common = ("train.epochs=1", "data.batch_size=3")
+    nodes = [_node(r, port, tiny_data, tmp_path / f"node{r}", *common) for r in (0, 1)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert json.loads((tmp_path / "node0" / "best.json").read_text())["world_size"] == 2
+    assert not (tmp_path / "node1").exists()  # one writer: global rank 0 only
+    single = accelerate_launch(2, *_args(tiny_data, tmp_path / "single", *common))
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("node0", "single"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_failure_on_one_rank_ends_the_job_promptly(tiny_data, tmp_path):
+    """Machine 1 has no data: both machines stop at once with machine 1's message, no hang."""
+    import random
+    import time
+    port = random.randint(20000, 40000)
+    t0 = time.time()
+    nodes = [_node(0, port, tiny_data, tmp_path / "out", "train.epochs=1"),
+             _node(1, port, tmp_path / "missing", tmp_path / "out", "train.epochs=1")]
+    outs = [n.communicate(timeout=120) for n in nodes]
+    assert time.time() - t0 < 60
+    assert all(n.returncode != 0 for n in nodes)
+    assert "(on rank 1) data: data.root not found" in outs[0][1]
+    assert not (tmp_path / "out" / "last.safetensors").exists()

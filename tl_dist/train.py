@@ -99,6 +99,31 @@ class StopRequest:
         return bool(flag.item() > 0)
 
 
+def agree(accelerator, fn, *args, **kwargs):
+    """Run ``fn`` on every rank; a UserError on any rank is raised on every rank.
+
+    Set-up steps can fail on one rank only (a data folder missing on one machine, rank 0's scan
+    finding bad files). Without this the healthy ranks would wait in the next collective until
+    its timeout; with it, the whole job ends at once with the failing rank's message.
+    ``fn`` itself must not run collectives.
+    """
+    err, result = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as e:
+        err = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        errors = gather_object([err])
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            rank, msg = failed[0]
+            raise UserError(msg if rank == accelerator.process_index else f"(on rank {rank}) {msg}")
+    elif err:
+        raise UserError(err)
+    return result
+
+
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -159,34 +184,38 @@ def prepare_data(cfg: Config, accelerator, log) -> data.Data:
             log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
             demo.generate(cfg.data.root, seed=0)
         accelerator.wait_for_everyone()
-    classes, train, val = data.list_splits(cfg.data.root)
+    classes, train, val = agree(accelerator, data.list_splits, cfg.data.root)
     # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
-    report = [None]
-    if accelerator.is_main_process:
-        t0 = time.perf_counter()
-        r = scan_files([p for p, _ in train + val])
-        log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: "
-            f"{len(r.bad)} bad")
-        report = [r]
+    report = agree(accelerator, lambda: scan_split_files(cfg, train, val, log) if accelerator.is_main_process else None)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
-        broadcast_object_list(report, from_process=0)
-    scan = report[0]
-    if scan.bad:
-        listing = "; ".join(scan.bad[p] for p in list(scan.bad)[:10])
-        more = f" (and {len(scan.bad) - 10} more)" if len(scan.bad) > 10 else ""
+        box = [report]
+        broadcast_object_list(box, from_process=0)
+        report = box[0]
+    if report.bad:
+        train = [s for s in train if s[0] not in report.bad]
+        val = [s for s in val if s[0] not in report.bad]
+    return agree(accelerator, data.build, cfg.data, classes, train, val, seed=cfg.train.seed,
+                 world=accelerator.num_processes, rank=accelerator.process_index,
+                 pin_memory=accelerator.device.type == "cuda", sizes=report.sizes)
+
+
+def scan_split_files(cfg: Config, train: list, val: list, log):
+    """Rank 0's pre-flight check of every file; stops the run on bad files unless told to skip them."""
+    t0 = time.perf_counter()
+    report = scan_files([p for p, _ in train + val])
+    log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
+    if report.bad:
+        listing = "; ".join(report.bad[p] for p in list(report.bad)[:10])
+        more = f" (and {len(report.bad) - 10} more)" if len(report.bad) > 10 else ""
         if not cfg.data.skip_bad_images:
-            raise UserError(f"data: {len(scan.bad)} bad image file(s) under {cfg.data.root}: {listing}{more}. "
+            raise UserError(f"data: {len(report.bad)} bad image file(s) under {cfg.data.root}: {listing}{more}. "
                             f"Fix or remove them, or set data.skip_bad_images=true to leave them out")
-        log(f"warning: leaving out {len(scan.bad)} bad image file(s): {listing}{more}")
-        train = [s for s in train if s[0] not in scan.bad]
-        val = [s for s in val if s[0] not in scan.bad]
+        log(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}{more}")
         for split, samples in (("train", train), ("val", val)):
-            if not samples:
+            if all(p in report.bad for p, _ in samples):
                 raise UserError(f"data: no usable images left in {cfg.data.root}/{split} after leaving out bad files")
-    return data.build(cfg.data, classes, train, val, seed=cfg.train.seed, world=accelerator.num_processes,
-                      rank=accelerator.process_index, pin_memory=accelerator.device.type == "cuda",
-                      sizes=scan.sizes)
+    return report
 
 
 # ----------------------------------------------------------------------------- the run
@@ -206,14 +235,13 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             print(msg, flush=True)
 
     out = Path(cfg.train.output_dir)
-    if main_proc:
-        check_output_dir(out)
+    agree(accelerator, lambda: check_output_dir(out) if main_proc else None)
     from accelerate.utils import set_seed
     set_seed(cfg.train.seed)
 
     d = prepare_data(cfg, accelerator, log)
     classes = d.classes
-    net = model_lib.build(cfg.model, len(classes))
+    net = agree(accelerator, model_lib.build, cfg.model, len(classes))
     frozen = cfg.model.mode == "frozen"
 
     # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
@@ -331,29 +359,34 @@ def gather_rng(accelerator) -> list[dict]:
 
 def load_resume(cfg: Config, classes: list[str], accelerator) -> dict | None:
     """Rank 0 reads the resume state (if any) and broadcasts it; refuses an incompatible run."""
-    box: list[Any] = [None]
-    if accelerator.is_main_process:
-        src = Path(cfg.train.output_dir) if cfg.train.resume == "auto" else Path(cfg.train.resume)
-        path = src / "resume.pt" if src.is_dir() or cfg.train.resume == "auto" else src
-        if path.exists():
-            s = checkpoint.load_state(path)
-            for key, now in (("arch", cfg.model.arch), ("mode", cfg.model.mode), ("classes", classes)):
-                if s.get(key) != now:
-                    raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
-                                    f"{now!r}; use another train.output_dir or train.resume=none")
-            best = Path(cfg.train.output_dir) / "best.safetensors"
-            if best.exists():  # never let a resumed run overwrite a better best with a worse one
-                on_disk = checkpoint.read_metadata(best)
-                if on_disk.get("val_acc", -1) > s["best_val_acc"]:
-                    s["best_val_acc"], s["best_epoch"] = on_disk["val_acc"], on_disk["epoch"]
-                    s["best_model"] = checkpoint.load_weights(best)[0]
-            box = [s]
-        elif cfg.train.resume != "auto":
-            raise UserError(f"resume: no resume state at {path} (train.resume is auto, none or a run directory)")
+    state = agree(accelerator, lambda: read_resume(cfg, classes) if accelerator.is_main_process else None)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
+        box = [state]
         broadcast_object_list(box, from_process=0)
-    return box[0]
+        state = box[0]
+    return state
+
+
+def read_resume(cfg: Config, classes: list[str]) -> dict | None:
+    src = Path(cfg.train.output_dir) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    path = src / "resume.pt" if src.is_dir() or cfg.train.resume == "auto" else src
+    if not path.exists():
+        if cfg.train.resume != "auto":
+            raise UserError(f"resume: no resume state at {path} (train.resume is auto, none or a run directory)")
+        return None
+    s = checkpoint.load_state(path)
+    for key, now in (("arch", cfg.model.arch), ("mode", cfg.model.mode), ("classes", classes)):
+        if s.get(key) != now:
+            raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
+                            f"{now!r}; use another train.output_dir or train.resume=none")
+    best = Path(cfg.train.output_dir) / "best.safetensors"
+    if best.exists():  # never let a resumed run overwrite a better best with a worse one
+        on_disk = checkpoint.read_metadata(best)
+        if on_disk.get("val_acc", -1) > s["best_val_acc"]:
+            s["best_val_acc"], s["best_epoch"] = on_disk["val_acc"], on_disk["epoch"]
+            s["best_model"] = checkpoint.load_weights(best)[0]
+    return s
 
 
 def summary(history: list[dict], total: float, best_acc: float, best_epoch: int, out: Path) -> None:
@@ -389,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(args.config, args.overrides)
         result = train(cfg)
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank raises the same error; one says it
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
