@@ -115,3 +115,24 @@ def test_failure_on_one_rank_ends_the_job_promptly(tiny_data, tmp_path):
     assert all(n.returncode != 0 for n in nodes)
     assert "(on rank 1) data: data.root not found" in outs[0][1]
     assert not (tmp_path / "out" / "last.safetensors").exists()
+
+
+def test_file_failing_during_training_handled_on_every_rank(tmp_path):
+    """A PNG whose header and end are intact passes the scan but cannot be decoded: no hang."""
+    import numpy as np
+    from PIL import Image
+
+    from .conftest import make_images
+    data_dir = make_images(tmp_path / "d", {"train": {"a": 6, "b": 6}, "val": {"a": 3, "b": 3}})
+    bad = data_dir / "train" / "a" / "corrupt.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(bad)
+    b = bytearray(bad.read_bytes())
+    b[len(b) // 3:len(b) // 3 + 50] = bytes(x ^ 0xFF for x in b[len(b) // 3:len(b) // 3 + 50])
+    bad.write_bytes(bytes(b))
+    r = accelerate_launch(2, *_args(data_dir, tmp_path / "stop", "train.epochs=1", "data.cache=none"), timeout=120)
+    assert r.returncode != 0 and "corrupt.png" in r.stderr and "failed to decode during epoch 0" in r.stderr
+    r = accelerate_launch(2, *_args(data_dir, tmp_path / "skip", "train.epochs=1", "data.cache=none",
+                                    "data.skip_bad_images=true"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "corrupt.png" in r.stdout
+    assert json.loads((tmp_path / "skip" / "metrics.jsonl").read_text())["train_samples"] == 12
