@@ -296,9 +296,10 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             interrupted = stop.signum or signal.SIGTERM
             break
         va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch)
-        bad = sorted(set(tr.bad + va.bad))
+        # Indices are per split: train's from the train set, val's from the val set.
+        bad = [d.train.samples[i][0] for i in tr.bad] + [d.val.samples[i][0] for i in va.bad]
         if bad:
-            paths = "; ".join((d.train.samples if i < len(d.train) else d.val.samples)[i][0] for i in bad[:5])
+            paths = "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
             if not cfg.data.skip_bad_images:
                 raise UserError(f"data: {len(bad)} image(s) failed to decode during epoch {epoch} "
                                 f"(changed since the scan?): {paths}; fix them or set data.skip_bad_images=true")
