@@ -14,6 +14,7 @@ import platform
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from .errors import UserError, one_line
 from .images import scan_files
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM stop exits 143
+GRACE_SECONDS = 20.0  # after a stop signal, exit even if no step boundary was reached by then
 
 
 @dataclass
@@ -90,6 +92,13 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user really means now
+        if self.signum is None:
+            # A rank blocked in a collective with a dead peer never reaches a step boundary; launchers
+            # (torchrun: 30 s) then escalate to SIGKILL. Leave on our own before that, so a restart
+            # is not held up. Nothing is lost: every file on disk is complete.
+            timer = threading.Timer(GRACE_SECONDS, os._exit, args=(128 + signum,))
+            timer.daemon = True
+            timer.start()
         self.signum = signum
 
     def check(self, accelerator) -> bool:
