@@ -124,20 +124,12 @@ def default_checkpoint() -> Path:
     return found[-1]
 
 
-def save_plot(results: list[dict], path: str) -> None:
-    from PIL import Image
+def save_plot(predictor: Predictor, results: list[dict], path: str) -> None:
+    """The images as the model saw them (the checkpoint's val transform), captioned with the prediction."""
+    from .visualize import GREEN, grid, tile
 
-    from .data import eval_transform
-    from .images import load_rgb
-    from .visualize import GREEN, grid
-
-    tiles = []
-    for r in results[:16]:
-        if "error" in r:
-            continue
-        img = eval_transform(load_rgb(r["path"]), 256, 224)
-        tiles.append((Image.fromarray(img.permute(1, 2, 0).numpy()),
-                      f"predicted: {r['label']} ({r['prob']:.2f})", GREEN))
+    tiles = [(tile(predictor._tensor(r["path"])), f"predicted: {r['label']} ({r['prob']:.2f})", GREEN)
+             for r in results[:16] if "error" not in r]
     if not tiles:
         raise UserError(f"predict: --save-plot {path}: no image could be predicted, nothing to draw")
     grid(tiles, Path(path), cols=min(4, len(tiles)))
@@ -204,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(failed) < len(results):
                 print_table(results, k)
         if args.save_plot:
-            save_plot(results, args.save_plot)
+            save_plot(predictor, results, args.save_plot)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
