@@ -178,13 +178,10 @@ def decoded_bytes(sizes: list[tuple[int, int]]) -> int:
 def fill_cache(ds: ImageDataset, indices: list[int], threads: int) -> dict[int, object]:
     """Decode once, in parallel (Pillow releases the GIL while decoding)."""
     def one(i: int):
-        try:
-            img = load_rgb(ds.samples[i][0])
+        try:  # train: the decoded image (crops differ every epoch); val: the finished crop
+            return i, ds._decoded(i) if ds.train else ds.transformed(i, 0)
         except BadImage:
             return i, None  # left out of the cache; the loader reports it when it is drawn
-        if ds.train:
-            return i, img
-        return i, eval_transform(img, ds.cfg.resize_size, ds.cfg.image_size)
 
     with ThreadPoolExecutor(max(1, threads)) as ex:
         return {i: v for i, v in ex.map(one, indices) if v is not None}

@@ -43,9 +43,11 @@ class StepContext:
 
 
 def _to_device(batch, device, ctx: StepContext):
+    """(x, y, w) on the device, and the dataset indices of samples that failed to decode."""
     x, y, w, idx = batch
     x = normalize(x.to(device, non_blocking=True), ctx.mean, ctx.std, ctx.channels_last)
-    return x, y.to(device, non_blocking=True), w.to(device, torch.float32, non_blocking=True), idx
+    failed = (-1 - idx[idx < 0]).tolist() if (idx < 0).any() else []
+    return x, y.to(device, non_blocking=True), w.to(device, torch.float32, non_blocking=True), failed
 
 
 def _reduce_sum(accelerator, values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -81,9 +83,8 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
     bar = tqdm(total=n_steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     for step, batch in enumerate(loader):
-        x, y, w, idx = _to_device(batch, dev, ctx)
-        if (idx < 0).any():
-            bad.extend((-1 - idx[idx < 0]).tolist())
+        x, y, w, failed = _to_device(batch, dev, ctx)
+        bad += failed
         lo = step // k * k
         hi = min(lo + k, n_steps)
         denom = sum(sampler.global_count(s) for s in range(lo, hi))
@@ -129,9 +130,8 @@ def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epo
     bad: list[int] = []
     for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True,
                       disable=not accelerator.is_main_process):
-        x, y, w, idx = _to_device(batch, dev, ctx)
-        if (idx < 0).any():
-            bad.extend((-1 - idx[idx < 0]).tolist())
+        x, y, w, failed = _to_device(batch, dev, ctx)
+        bad += failed
         with accelerator.autocast():
             out = net(x)
         ok = w > 0

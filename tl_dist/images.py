@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from PIL import Image, ImageOps
 
@@ -24,26 +25,41 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully into an RGB image (EXIF rotation applied); BadImage on any failure."""
+@contextmanager
+def _open(path: str) -> Iterator[Image.Image]:
+    """Image.open, with every way it fails turned into BadImage naming the file.
+
+    Pillow raises over 2x MAX_IMAGE_PIXELS and only warns between 1x and 2x; the pixel count is
+    checked here rather than by turning that warning into an error, because warning filters are
+    process-global and the scan opens files from many threads at once.
+    """
     try:
-        with warnings.catch_warnings():
-            # Over MAX_IMAGE_PIXELS Pillow only warns; we treat it as the decompression bomb it may be.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
-                img.load()
-                return _to_rgb(img)
+        img = Image.open(path)
     except FileNotFoundError:
         raise BadImage(f"{path}: file not found") from None
     except Image.DecompressionBombError as e:
         raise BadImage(f"{path}: too many pixels (decompression bomb?): {e}") from None
-    except Image.DecompressionBombWarning as e:
-        raise BadImage(f"{path}: too many pixels (decompression bomb?): {e}") from None
     except Image.UnidentifiedImageError:
-        raise BadImage(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"{path}: cannot decode: {e}") from None
+        raise BadImage(f"{path}: not an image (Pillow cannot identify it)") from None
+    except OSError as e:
+        raise BadImage(f"{path}: unreadable: {e}") from None
+    with img:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise BadImage(f"{path}: too many pixels (decompression bomb?): {img.width}x{img.height} "
+                           f"is over Pillow's limit of {limit}")
+        yield img
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` fully into an RGB image (EXIF rotation applied); BadImage on any failure."""
+    with _open(path) as img:
+        try:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return _to_rgb(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"{path}: cannot decode: {e}") from None
 
 
 def check_file(path: str) -> tuple[int, int]:
@@ -57,17 +73,8 @@ def check_file(path: str) -> tuple[int, int]:
         raise BadImage(f"{path}: unreadable: {e.strerror}") from None
     if size == 0:
         raise BadImage(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                fmt, wh = img.format, img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"{path}: too many pixels (decompression bomb?): {e}") from None
-    except Image.UnidentifiedImageError:
-        raise BadImage(f"{path}: not an image (Pillow cannot identify it)") from None
-    except OSError as e:
-        raise BadImage(f"{path}: unreadable: {e}") from None
+    with _open(path) as img:
+        fmt, wh = img.format, img.size
     if wh[0] <= 0 or wh[1] <= 0:
         raise BadImage(f"{path}: image has no pixels ({wh[0]}x{wh[1]})")
     # A truncated file keeps its header; its end-of-stream marker is what goes missing.

@@ -23,7 +23,7 @@ def create(arch: str, num_classes: int) -> nn.Module:
     try:
         m = torchvision.models.get_model(arch, weights=None)
     except (ValueError, KeyError):
-        known = [a for a in torchvision.models.list_models(torchvision.models) if hasattr_fc(a)]
+        known = [a for a in torchvision.models.list_models(torchvision.models) if _resnet_family(a)]
         raise UserError(f"model: unknown model.arch {arch!r}; use a torchvision model with an fc head, "
                         f"e.g. {', '.join(known[:8])}") from None
     if not isinstance(getattr(m, HEAD, None), nn.Linear):
@@ -32,7 +32,7 @@ def create(arch: str, num_classes: int) -> nn.Module:
     return m
 
 
-def hasattr_fc(arch: str) -> bool:
+def _resnet_family(arch: str) -> bool:
     return arch.startswith(("resnet", "resnext", "wide_resnet", "regnet"))
 
 
@@ -122,10 +122,3 @@ def build(cfg: ModelConfig, num_classes: int) -> nn.Module:
     set_frozen(model, cfg.mode == "frozen")
     return model
 
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.startswith(HEAD + ".")]
-
-
-def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if not n.startswith(HEAD + ".")]

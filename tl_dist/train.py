@@ -133,6 +133,22 @@ def agree(accelerator, fn, *args, **kwargs):
     return result
 
 
+def on_main_then_share(accelerator, fn):
+    """``fn()`` on rank 0 only; its result is broadcast to every rank, its UserError raised on all."""
+    value = agree(accelerator, lambda: fn() if accelerator.is_main_process else None)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        value = box[0]
+    return value
+
+
+def first_few(items: list[str], n: int) -> str:
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -195,12 +211,7 @@ def prepare_data(cfg: Config, accelerator, log) -> data.Data:
         accelerator.wait_for_everyone()
     classes, train, val = agree(accelerator, data.list_splits, cfg.data.root)
     # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
-    report = agree(accelerator, lambda: scan_split_files(cfg, train, val, log) if accelerator.is_main_process else None)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        box = [report]
-        broadcast_object_list(box, from_process=0)
-        report = box[0]
+    report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, train, val, log))
     if report.bad:
         train = [s for s in train if s[0] not in report.bad]
         val = [s for s in val if s[0] not in report.bad]
@@ -215,12 +226,11 @@ def scan_split_files(cfg: Config, train: list, val: list, log):
     report = scan_files([p for p, _ in train + val])
     log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
     if report.bad:
-        listing = "; ".join(report.bad[p] for p in list(report.bad)[:10])
-        more = f" (and {len(report.bad) - 10} more)" if len(report.bad) > 10 else ""
+        listing = first_few(list(report.bad.values()), 10)
         if not cfg.data.skip_bad_images:
-            raise UserError(f"data: {len(report.bad)} bad image file(s) under {cfg.data.root}: {listing}{more}. "
+            raise UserError(f"data: {len(report.bad)} bad image file(s) under {cfg.data.root}: {listing}. "
                             f"Fix or remove them, or set data.skip_bad_images=true to leave them out")
-        log(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}{more}")
+        log(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}")
         for split, samples in (("train", train), ("val", val)):
             if all(p in report.bad for p, _ in samples):
                 raise UserError(f"data: no usable images left in {cfg.data.root}/{split} after leaving out bad files")
@@ -272,6 +282,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         ranks = state.get("rng", [])
+        # Data order and augmentation do not depend on these; with another world size they are
+        # left as seeded, which changes nothing the run draws.
         if len(ranks) == accelerator.num_processes:
             set_rng_state(ranks[accelerator.process_index])
     net, optimizer = accelerator.prepare(net, optimizer)
@@ -308,7 +320,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         # Indices are per split: train's from the train set, val's from the val set.
         bad = [d.train.samples[i][0] for i in tr.bad] + [d.val.samples[i][0] for i in va.bad]
         if bad:
-            paths = "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+            paths = first_few(bad, 5)
             if not cfg.data.skip_bad_images:
                 raise UserError(f"data: {len(bad)} image(s) failed to decode during epoch {epoch} "
                                 f"(changed since the scan?): {paths}; fix them or set data.skip_bad_images=true")
@@ -369,13 +381,7 @@ def gather_rng(accelerator) -> list[dict]:
 
 def load_resume(cfg: Config, classes: list[str], accelerator) -> dict | None:
     """Rank 0 reads the resume state (if any) and broadcasts it; refuses an incompatible run."""
-    state = agree(accelerator, lambda: read_resume(cfg, classes) if accelerator.is_main_process else None)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        box = [state]
-        broadcast_object_list(box, from_process=0)
-        state = box[0]
-    return state
+    return on_main_then_share(accelerator, lambda: read_resume(cfg, classes))
 
 
 def read_resume(cfg: Config, classes: list[str]) -> dict | None:
