@@ -17,7 +17,7 @@ def test_defaults_are_the_seeds_values():
 
 
 def test_shipped_configs_load():
-    for name in ("finetune", "frozen", "demo"):
+    for name in ("finetune", "frozen", "frozen_then_finetune", "demo"):
         config.load(ROOT / "configs" / f"{name}.yaml")
     assert config.load(ROOT / "configs" / "frozen.yaml").model.mode == "frozen"
     assert config.load(ROOT / "configs" / "finetune.yaml").model.mode == "finetune"
@@ -41,6 +41,10 @@ def test_yaml_bare_no_means_no(tmp_path):
     ("trian:\n  epochs: 3\n", "unknown section 'trian' (in {f}) (did you mean 'train'?)"),
     ("train:\n  epochs: three\n", "train.epochs (in {f}) must be an integer"),
     ("model:\n  mode: frozn\n", "model.mode (in {f}) must be one of finetune|frozen"),
+    ("model:\n  mode: frozen_then_finetune\n", "needs model.unfreeze_epoch"),
+    ("model:\n  unfreeze_epoch: 2\n", "model.unfreeze_epoch applies only to model.mode=frozen_then_finetune"),
+    ("model:\n  mode: frozen_then_finetune\n  unfreeze_epoch: 0\n", "model.unfreeze_epoch (in {f}) must be a positive"),
+    ("optim:\n  backbone_lr: -1\n", "optim.backbone_lr (in {f}) must be a positive number"),
     ("data:\n  batch_size: 0\n", "data.batch_size (in {f}) must be a positive integer"),
     ("train:\n  plots: maybe\n", "train.plots (in {f}) must be true or false"),
     ("- a\n- b\n", "must hold a mapping"),
@@ -82,3 +86,13 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 def test_dump_round_trips():
     c = config.load(None, ["train.epochs=2", "model.mode=frozen"])
     assert config.from_dict(__import__("yaml").safe_load(config.dump(c))) == c
+
+
+def test_backbone_lr_null_means_lr():
+    c = config.load(None, ["optim.lr=0.01", "model.mode=frozen_then_finetune", "model.unfreeze_epoch=3"])
+    assert c.optim.backbone_lr is None and c.model.unfreeze_epoch == 3
+    from tl_dist.train import lrs_at
+    assert lrs_at(c, 0) == [0.01, 0.01]
+    c = config.load(None, ["optim.lr=0.01", "optim.backbone_lr=1e-4", "scheduler.step_size=2"])
+    assert lrs_at(c, 2) == pytest.approx([0.001, 1e-5])
+    assert lrs_at(config.load(None, ["model.mode=frozen"]), 0) == [0.001]  # fc only

@@ -136,3 +136,52 @@ def test_file_failing_during_training_handled_on_every_rank(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "corrupt.png" in r.stdout
     assert json.loads((tmp_path / "skip" / "metrics.jsonl").read_text())["train_samples"] == 12
+
+
+def _params(path):
+    """The trainable tensors of a checkpoint (BatchNorm running statistics left out)."""
+    return {k: v for k, v in load_file(str(path)).items()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path):
+    """Frozen epochs leave the backbone bit-identical; after the switch it trains, on every rank alike."""
+    init = tmp_path / "init.safetensors"
+    save_file(model.create("resnet18", 1000).state_dict(), str(init))
+    common = ("model.mode=frozen_then_finetune", "model.unfreeze_epoch=2", f"model.weights={init}",
+              "data.batch_size=3", "optim.lr=0.05", "optim.backbone_lr=0.01")
+    r = accelerate_launch(2, *_args(tiny_data, tmp_path / "run", *common, "train.epochs=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = {k: v for k, v in load_file(str(init)).items() if not k.startswith("fc.")}
+    after_frozen = load_file(str(tmp_path / "run" / "last.safetensors"))
+    for k, v in start.items():  # weights and BN buffers alike
+        assert torch.equal(after_frozen[k], v), k
+    # Resumed: one more frozen epoch, then the switch, inside this run, under the running DDP job.
+    r = accelerate_launch(2, *_args(tiny_data, tmp_path / "run", *common, "train.epochs=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the backbone trains from now on" in r.stdout
+    end = load_file(str(tmp_path / "run" / "last.safetensors"))
+    moved = [k for k in start if not torch.equal(end[k], start[k])]
+    assert "conv1.weight" in moved and "layer4.1.conv2.weight" in moved and "layer1.0.bn1.running_mean" in moved
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["backbone_lr"] for x in rows] == [None, None, 0.01]
+    # Every epoch ended with a cross-rank comparison of the weights (the run stops if they differ).
+    assert all(len(x["weights_digest"]) == 24 for x in rows)
+
+
+def test_finetune_two_processes_equal_one_process_accumulating(tiny_data, tmp_path):
+    """Finetune, no SyncBN: each rank's BatchNorm sees its own B samples, exactly as one process with
+    batch B accumulating 2 steps does, so the parameters after an epoch match (not BN running stats)."""
+    init = tmp_path / "init.safetensors"
+    save_file(model.create("resnet18", 1000).state_dict(), str(init))
+    common = ("model.mode=finetune", f"model.weights={init}", "train.epochs=1", "data.batch_size=3",
+              "optim.lr=0.02")
+    one = run_cli("-m", "tl_dist.train", *_args(tiny_data, tmp_path / "one", *common, "train.grad_accum_steps=2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch(2, *_args(tiny_data, tmp_path / "two", *common))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _params(tmp_path / "one" / "last.safetensors"), _params(tmp_path / "two" / "last.safetensors")
+    start = _params(init)
+    assert not torch.equal(a["conv1.weight"], start["conv1.weight"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

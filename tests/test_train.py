@@ -38,7 +38,7 @@ def test_run_directory_and_metadata(finetune_run, tiny_data):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all(r["train_samples"] == 22 and r["val_samples"] == 13 for r in rows)
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "backbone_lr", "seconds",
                             "train_samples", "val_samples"}
     best = json.loads((out / "best.json").read_text())
     top = max(r["val_acc"] for r in rows)
@@ -130,3 +130,10 @@ def test_grad_accumulation_matches_larger_batch(tiny_data, tmp_path):
     a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("big", "acc"))
     torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["fc.bias"], b["fc.bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_out_of_sync_is_an_error():
+    from tl_dist.engine import check_in_sync
+    check_in_sync(["ab", "ab", "ab"], epoch=3)
+    with pytest.raises(RuntimeError, match=r"out of sync after epoch 3: rank\(s\) \[2\]"):
+        check_in_sync(["ab", "ab", "cd"], epoch=3)

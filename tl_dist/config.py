@@ -48,7 +48,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet18"
     weights: str = "imagenet"  # imagenet | none | path to a .pth state dict or .safetensors
-    mode: str = _choice("finetune", "frozen", default="finetune")
+    # frozen_then_finetune: frozen for unfreeze_epoch epochs, then every layer trains
+    mode: str = _choice("finetune", "frozen", "frozen_then_finetune", default="finetune")
+    unfreeze_epoch: int | None = None  # frozen_then_finetune: the first epoch (0-based) that trains the backbone
     frozen_bn: str = _choice("eval", "train", default="eval")  # train = the seed: BN stats keep moving
     channels_last: bool = True
 
@@ -56,6 +58,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.001
+    backbone_lr: float | None = None  # every layer but fc; null = lr (finetune, frozen_then_finetune)
     momentum: float = 0.9
     weight_decay: float = 0.0
 
@@ -103,7 +106,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.std": (lambda v: len(v) == 3 and all(s > 0 for s in v), "a list of 3 positive numbers"),
     "data.scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1"),
     "data.ratio": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max"),
+    "model.unfreeze_epoch": (lambda v: v is None or v > 0, "a positive integer (epochs trained frozen)"),
     "optim.lr": (lambda v: v > 0, "a positive number"),
+    "optim.backbone_lr": (lambda v: v is None or v > 0, "a positive number, or null for optim.lr"),
     "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "scheduler.step_size": (lambda v: v > 0, "a positive integer"),
@@ -111,6 +116,18 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.epochs": (lambda v: v > 0, "a positive integer"),
     "train.grad_accum_steps": (lambda v: v > 0, "a positive integer"),
 }
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Rules between keys, checked once everything is set."""
+    m = cfg.model
+    if m.mode == "frozen_then_finetune":
+        if m.unfreeze_epoch is None:
+            raise UserError(f"config: model.mode=frozen_then_finetune needs model.unfreeze_epoch, the number "
+                            f"of epochs to train frozen before the backbone trains (in {source})")
+    elif m.unfreeze_epoch is not None:
+        raise UserError(f"config: model.unfreeze_epoch applies only to model.mode=frozen_then_finetune, "
+                        f"this config has mode {m.mode} (in {source})")
 
 
 def _type_name(tp: Any) -> str:
@@ -246,12 +263,14 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     for item in overrides:
         key, value = parse_override(item)
         set_key(cfg, key, value, "command line")
+    validate(cfg, f"{path} and the command line" if path is not None and overrides else str(path or "command line"))
     return cfg
 
 
 def from_dict(d: dict, source: str = "checkpoint") -> Config:
     cfg = Config()
     _apply_mapping(cfg, d, source)
+    validate(cfg, source)
     return cfg
 
 

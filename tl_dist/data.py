@@ -199,7 +199,10 @@ class TrainBatchSampler:
 
     The last global batch may be short. A rank whose slice is empty (or holds one sample) is padded
     to two samples with weight 0, so every rank runs the same number of steps (DDP needs that) and
-    BatchNorm has more than one value per channel, while the padding never reaches the gradient. ``global_count(step)`` is the number of real samples in a global step.
+    BatchNorm has more than one value per channel, while the padding never reaches the loss. A lone
+    sample is padded with a copy of itself: a duplicated sample has the same batch mean and variance,
+    so in train mode BatchNorm normalises it exactly as it would alone. ``global_count(step)`` is
+    the number of real samples in a global step.
     """
 
     def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, shuffle: bool = True):
@@ -224,8 +227,9 @@ class TrainBatchSampler:
             mine = chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
             keys = [(i, self.epoch, 1.0) for i in mine]
             # At least 2 per step: BatchNorm in train mode cannot normalise a single 1x1 feature map.
+            pool = mine or chunk
             while len(keys) < 2:
-                keys.append((chunk[len(keys) % len(chunk)], self.epoch, 0.0))
+                keys.append((pool[len(keys) % len(pool)], self.epoch, 0.0))
             yield keys
 
 

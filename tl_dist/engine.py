@@ -7,7 +7,7 @@ ranks. Padding samples carry weight 0 and so never reach the gradient or the met
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -87,18 +87,23 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
         bad += failed
         lo = step // k * k
         hi = min(lo + k, n_steps)
+        if step == lo:
+            # accumulate() counts micro-steps and syncs when the count reaches k. Windows restart each
+            # epoch and the last one may be short, so its count starts where it ends on our last step.
+            accelerator.step = k - (hi - lo)
         denom = sum(sampler.global_count(s) for s in range(lo, hi))
-        boundary = step == hi - 1
-        # Between boundaries no gradient all-reduce: accumulate locally, sync once per window.
-        with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+        # Inside a window DDP skips the all-reduce (no_sync); the window's last step syncs, and only
+        # then do the prepared optimizer's step() and zero_grad() act.
+        with accelerator.accumulate(model):
             with accelerator.autocast():
                 out = model(x)
             per_sample = F.cross_entropy(out.float(), y, reduction="none")
-            loss = (per_sample * w).sum() * (world / denom)
+            # backward() divides by k; this loss is already the window's exact share, so undo that.
+            loss = (per_sample * w).sum() * (world * k / denom)
             accelerator.backward(loss)
-        if boundary:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        boundary = accelerator.sync_gradients
         with torch.no_grad():
             loss_sum += (per_sample.detach() * w).sum()
             correct += ((out.argmax(1) == y).float() * w).sum()
@@ -112,6 +117,47 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
     n = max(1.0, count.item())
     return EpochResult(loss_sum.item() / n, correct.item() / n, int(count.item()),
                        time.perf_counter() - t0, _gather_bad(accelerator, bad), stopped)
+
+
+def share_buffers(accelerator, model) -> None:
+    """Every rank takes rank 0's BatchNorm statistics.
+
+    In train mode each rank updates its running statistics from its own slice; DDP hands rank 0's
+    to the others only at the next forward. Evaluating and saving right after an epoch must use the
+    same statistics on every rank, namely those in the saved checkpoint (rank 0's).
+    """
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+        buffers = [b for b in accelerator.unwrap_model(model).buffers()]
+        if buffers:
+            broadcast(buffers, from_process=0)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer, bit for bit."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_in_sync(digests: list[str], epoch: int) -> None:
+    """All ranks must hold the same weights; if not, training is silently wrong from here on."""
+    off = [r for r, d in enumerate(digests) if d != digests[0]]
+    if off:
+        raise RuntimeError(f"ranks out of sync after epoch {epoch}: rank(s) {off} hold other weights than "
+                           f"rank 0. This is a bug (or a hardware fault); please report it with the config")
+
+
+def assert_ranks_in_sync(accelerator, model, epoch: int) -> str | None:
+    """Compare a digest of the weights across ranks; returns it (None on a single process)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+    digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
+    check_in_sync(digests, epoch)
+    return digests[0]
 
 
 @torch.inference_mode()

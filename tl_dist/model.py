@@ -95,8 +95,22 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     model.load_state_dict(state, strict=False)
 
 
+def frozen_at(cfg: ModelConfig, epoch: int) -> bool:
+    """Whether the backbone is frozen during ``epoch`` (0-based)."""
+    return cfg.mode == "frozen" or (cfg.mode == "frozen_then_finetune" and epoch < cfg.unfreeze_epoch)
+
+
+def head_and_backbone(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The parameters of the new classifier, and all the others (two learning rates)."""
+    head, backbone = [], []
+    for name, p in model.named_parameters():
+        (head if name.startswith(HEAD + ".") else backbone).append(p)
+    return head, backbone
+
+
 def set_frozen(model: nn.Module, frozen: bool) -> None:
-    """Frozen: only the head trains. Call before the loop wraps the model (DDP fixes its params then)."""
+    """Frozen: only the head trains. DDP registers the parameters that require grad when it wraps
+    the model, so changing this afterwards needs a new wrapper (the training loop does that)."""
     for name, p in model.named_parameters():
         p.requires_grad = (not frozen) or name.startswith(HEAD + ".")
 
@@ -119,6 +133,6 @@ def build(cfg: ModelConfig, num_classes: int) -> nn.Module:
         load_backbone(model, _imagenet_state(cfg.arch), f"torchvision {cfg.arch} IMAGENET1K_V1")
     elif cfg.weights != "none":
         load_backbone(model, read_weights(cfg.weights), cfg.weights)
-    set_frozen(model, cfg.mode == "frozen")
+    set_frozen(model, frozen_at(cfg, 0))
     return model
 

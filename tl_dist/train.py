@@ -8,6 +8,7 @@ Rank 0 writes every file; all ranks agree on "best" because they compare the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import torch
 
 from . import __version__, checkpoint, config, data, demo, model as model_lib
 from .config import Config
-from .engine import StepContext, evaluate, train_one_epoch
+from .engine import StepContext, assert_ranks_in_sync, evaluate, share_buffers, train_one_epoch
 from .errors import UserError, one_line
 from .images import scan_files
 
@@ -59,17 +60,23 @@ def resolve_mixed_precision(mp: str, cuda: bool) -> str:
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
     cuda = torch.cuda.is_available()
     mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
     if mp == "fp16" and not cuda:
         raise UserError("config: train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
     # cpu=True without CUDA makes N launched processes one gloo group (MULTI_CPU) instead of N
     # independent single-process runs.
-    acc = Accelerator(cpu=not cuda, mixed_precision=mp)
+    # The loop marks its own accumulation windows (they restart each epoch), not the data loader's end.
+    accumulation = GradientAccumulationPlugin(num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False)
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp, gradient_accumulation_plugin=accumulation)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes != launched:
         raise UserError(f"launch: WORLD_SIZE={launched} but accelerate formed a group of "
                         f"{acc.num_processes}; check the launcher settings (accelerate config)")
+    if cfg.train.sync_batchnorm and acc.num_processes > 1 and not cuda:
+        raise UserError("config: train.sync_batchnorm=true needs CUDA GPUs (torch's SyncBatchNorm does not "
+                        "run on CPU); set train.sync_batchnorm=false")
     return acc, mp
 
 
@@ -190,15 +197,43 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([tensor(b) for b in s["cuda"]])
 
 
-def lr_at(cfg: Config, epoch: int) -> float:
-    """StepLR's value for ``epoch``, computed rather than stepped: the same for any world size or resume."""
-    return cfg.optim.lr * cfg.scheduler.gamma ** (epoch // cfg.scheduler.step_size)
+def base_lrs(cfg: Config) -> list[float]:
+    """The learning rate of each optimizer group: [fc] in frozen mode, [fc, backbone] otherwise."""
+    if cfg.model.mode == "frozen":
+        return [cfg.optim.lr]
+    return [cfg.optim.lr, cfg.optim.backbone_lr if cfg.optim.backbone_lr is not None else cfg.optim.lr]
+
+
+def lrs_at(cfg: Config, epoch: int) -> list[float]:
+    """StepLR's values for ``epoch``, computed rather than stepped: the same for any world size or resume."""
+    return [lr * cfg.scheduler.gamma ** (epoch // cfg.scheduler.step_size) for lr in base_lrs(cfg)]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen: fc only
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    """SGD over fc and (unless frozen) the backbone, as two groups with their own learning rates.
+
+    In frozen_then_finetune the backbone is in the optimizer from the start; while it is frozen its
+    parameters get no gradient and SGD leaves them (and their momentum) untouched.
+    """
+    head, backbone = model_lib.head_and_backbone(model)
+    groups = [{"params": head}] + ([{"params": backbone}] if cfg.model.mode != "frozen" else [])
+    for g, lr in zip(groups, base_lrs(cfg)):
+        g["lr"] = lr
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                            weight_decay=cfg.optim.weight_decay, foreach=True)
+
+
+def unfreeze(accelerator, net):
+    """Train the backbone from now on, correctly under DDP.
+
+    DDP decides which parameters it all-reduces when it wraps the model: those requiring grad then.
+    A backbone unfrozen under the same wrapper would get gradients that are never averaged, and the
+    ranks would drift apart (the Lightning BackboneFinetuning bug, issue 20340). So the module is
+    wrapped again; the new wrapper registers every parameter (the ranks hold equal weights already).
+    """
+    inner = accelerator.unwrap_model(net)
+    model_lib.set_frozen(inner, False)
+    return accelerator.prepare_model(inner) if accelerator.num_processes > 1 else net
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,7 +296,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     d = prepare_data(cfg, accelerator, log)
     classes = d.classes
     net = agree(accelerator, model_lib.build, cfg.model, len(classes))
-    frozen = cfg.model.mode == "frozen"
 
     # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
     state = load_resume(cfg, classes, accelerator) if cfg.train.resume != "none" else None
@@ -279,8 +313,17 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     if cfg.train.compile:
         net.compile()
     optimizer = build_optimizer(net, cfg)
+    frozen = model_lib.frozen_at(cfg.model, start_epoch)  # the phase the wrapper is built for
+    if cfg.model.mode == "frozen_then_finetune" and cfg.model.unfreeze_epoch >= cfg.train.epochs:
+        log(f"note: model.unfreeze_epoch={cfg.model.unfreeze_epoch} >= train.epochs={cfg.train.epochs}: "
+            f"the backbone stays frozen in this run (a resumed run with more epochs unfreezes it)")
+    model_lib.set_frozen(net, frozen)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"resume: the optimizer state in {out / 'resume.pt'} does not fit this run ({e}); "
+                            f"use another train.output_dir or train.resume=none") from None
         ranks = state.get("rng", [])
         # Data order and augmentation do not depend on these; with another world size they are
         # left as seeded, which changes nothing the run draws.
@@ -307,8 +350,14 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     t_run = time.perf_counter()
     interrupted = 0
     for epoch in range(start_epoch, cfg.train.epochs):
-        lr = lr_at(cfg, epoch)
-        for g in optimizer.param_groups:
+        if frozen and not model_lib.frozen_at(cfg.model, epoch):
+            frozen = False
+            net = unfreeze(accelerator, net)
+            ctx = dataclasses.replace(ctx, frozen=False)
+            log(f"epoch {epoch + 1}/{cfg.train.epochs}: the backbone trains from now on "
+                f"(after model.unfreeze_epoch={cfg.model.unfreeze_epoch} frozen epochs)")
+        lrs = lrs_at(cfg, epoch)
+        for g, lr in zip(optimizer.param_groups, lrs):
             g["lr"] = lr
         d.train_sampler.set_epoch(epoch)
         tr = train_one_epoch(accelerator, net, optimizer, d.train_loader, d.train_sampler, ctx, epoch,
@@ -316,7 +365,9 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
+        share_buffers(accelerator, net)
         va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch)
+        digest = assert_ranks_in_sync(accelerator, net, epoch)
         # Indices are per split: train's from the train set, val's from the val set.
         bad = [d.train.samples[i][0] for i in tr.bad] + [d.val.samples[i][0] for i in va.bad]
         if bad:
@@ -326,8 +377,10 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                                 f"(changed since the scan?): {paths}; fix them or set data.skip_bad_images=true")
             log(f"warning: {len(bad)} image(s) failed to decode and were left out this epoch: {paths}")
         row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
-               "val_acc": va.acc, "lr": lr, "seconds": tr.seconds + va.seconds,
-               "train_samples": tr.samples, "val_samples": va.samples}
+               "val_acc": va.acc, "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
+               "seconds": tr.seconds + va.seconds, "train_samples": tr.samples, "val_samples": va.samples}
+        if digest:
+            row["weights_digest"] = digest
         history.append(row)
         is_best = va.acc > best_acc
         weights = accelerator.unwrap_model(net).state_dict()
@@ -350,7 +403,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                 "classes": classes, "arch": cfg.model.arch, "mode": cfg.model.mode,
             })
             print(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {tr.loss:.4f} acc {tr.acc:.4f}  "
-                  f"val loss {va.loss:.4f} acc {va.acc:.4f}  lr {lr:.2g}  {row['seconds']:.1f}s"
+                  f"val loss {va.loss:.4f} acc {va.acc:.4f}  lr {lrs[0]:.2g}"
+                  f"{'' if frozen or lrs[-1] == lrs[0] else f' (backbone {lrs[-1]:.2g})'}  {row['seconds']:.1f}s"
                   f"{'  *best' if is_best else ''}", flush=True)
         if stop.check(accelerator) and epoch + 1 < cfg.train.epochs:
             interrupted = stop.signum or signal.SIGTERM
