@@ -137,3 +137,15 @@ def test_ranks_out_of_sync_is_an_error():
     check_in_sync(["ab", "ab", "ab"], epoch=3)
     with pytest.raises(RuntimeError, match=r"out of sync after epoch 3: rank\(s\) \[2\]"):
         check_in_sync(["ab", "ab", "cd"], epoch=3)
+
+
+def test_bf16_keeps_fp32_master_weights(tiny_data, tmp_path):
+    """Mixed precision computes in bf16 but the weights and optimizer state stay fp32."""
+    assert _run(tmp_path / "bf16", tiny_data, "train.epochs=1", "train.mixed_precision=bf16") == 0
+    best = json.loads((tmp_path / "bf16" / "best.json").read_text())
+    assert best["mixed_precision"] == "bf16"
+    weights = load_file(str(tmp_path / "bf16" / "last.safetensors"))
+    assert {v.dtype for k, v in weights.items() if "num_batches" not in k} == {torch.float32}
+    state = torch.load(tmp_path / "bf16" / "resume.pt", weights_only=True)
+    momenta = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert momenta and all(m.dtype == torch.float32 for m in momenta)
