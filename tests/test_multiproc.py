@@ -185,3 +185,70 @@ def test_finetune_two_processes_equal_one_process_accumulating(tiny_data, tmp_pa
     assert not torch.equal(a["conv1.weight"], start["conv1.weight"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _torchrun(out, tiny_data, port, *extra):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           *extra, "-m", "tl_dist.train", *_args(tiny_data, out, "data.image_size=64", "data.resize_size=72",
+                                                 "data.batch_size=3", "train.epochs=4")]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)  # one process group: a failed test kills it all
+
+
+def _finish(job, timeout=240):
+    import os
+    import signal
+    try:
+        return job.communicate(timeout=timeout)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def _worker_pids(rank, port):
+    """PIDs of the tl_dist worker with this RANK in the job using this MASTER_PORT (Linux /proc)."""
+    from pathlib import Path
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            env = (d / "environ").read_bytes().split(b"\0") if d.name.isdigit() else []
+            cmd = (d / "cmdline").read_bytes() if env else b""
+        except OSError:
+            continue
+        if b"tl_dist.train" in cmd and f"RANK={rank}".encode() in env and f"MASTER_PORT={port}".encode() in env:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_job_resumes(tiny_data, tmp_path):
+    """torchrun --max-restarts=1: SIGKILL rank 1 after the first epoch; the restarted job resumes from
+    the saved state and ends bit-identical to an uninterrupted run."""
+    import os
+    import random
+    import signal
+    import time
+    port = random.randint(20000, 40000)
+    job = _torchrun(tmp_path / "killed", tiny_data, port, "--max-restarts", "1")
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "resume.pt").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pids = _worker_pids(1, port)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    log = _finish(job)
+    assert pids, "rank 1 not found"
+    assert job.returncode == 0, log[-3000:]
+    import re
+    assert re.search(r"resuming \S+ after epoch [012] ", log), log[-3000:]  # not started afresh
+    rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in rows] == [0, 1, 2, 3]
+    plain = _torchrun(tmp_path / "plain", tiny_data, random.randint(20000, 40000))
+    log = _finish(plain)
+    assert plain.returncode == 0, log[-3000:]
+    a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("killed", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

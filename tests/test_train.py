@@ -39,7 +39,7 @@ def test_run_directory_and_metadata(finetune_run, tiny_data):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all(r["train_samples"] == 22 and r["val_samples"] == 13 for r in rows)
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "backbone_lr", "seconds",
-                            "train_samples", "val_samples"}
+                            "train_samples", "val_samples", "train_seconds", "val_seconds", "peak_host_mb"}
     best = json.loads((out / "best.json").read_text())
     top = max(r["val_acc"] for r in rows)
     assert best["val_acc"] == top and best["epoch"] == next(r["epoch"] for r in rows if r["val_acc"] == top)
@@ -149,3 +149,16 @@ def test_bf16_keeps_fp32_master_weights(tiny_data, tmp_path):
     state = torch.load(tmp_path / "bf16" / "resume.pt", weights_only=True)
     momenta = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
     assert momenta and all(m.dtype == torch.float32 for m in momenta)
+
+
+def test_frozen_val_features_reused_bit_for_bit(tiny_data, tmp_path):
+    """Frozen: from epoch 2 on, eval runs fc on the kept val features; the numbers are the same as
+    running the whole network (cache_gb=0 keeps nothing)."""
+    init = tmp_path / "init.safetensors"
+    save_file(model.create("resnet18", 1000).state_dict(), str(init))
+    common = ("model.mode=frozen", f"model.weights={init}", "train.epochs=3", "optim.lr=0.05")
+    assert _run(tmp_path / "kept", tiny_data, *common) == 0
+    assert _run(tmp_path / "full", tiny_data, *common, "data.cache_gb=0") == 0
+    a, b = ([json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("kept", "full"))
+    assert len({r["val_loss"] for r in a}) == 3  # fc changes, so the val numbers do
+    assert [(r["val_loss"], r["val_acc"]) for r in a] == [(r["val_loss"], r["val_acc"]) for r in b]

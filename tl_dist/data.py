@@ -262,6 +262,11 @@ class Data:
     cached: bool
     workers: int  # loader workers actually used
 
+    def describe(self, device) -> str:
+        """The data path in a few words, for logs and benchmark tables."""
+        source = "decoded once, kept in RAM" if self.cached else "JPEG files decoded every epoch"
+        return f"{source}; PIL augment, {self.workers} loader worker(s); normalise on {device.type}"
+
 
 def _loader(ds: ImageDataset, sampler, workers: int, pin: bool) -> DataLoader:
     return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin,

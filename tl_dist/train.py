@@ -26,7 +26,7 @@ import torch
 
 from . import __version__, checkpoint, config, data, demo, model as model_lib
 from .config import Config
-from .engine import StepContext, assert_ranks_in_sync, evaluate, share_buffers, train_one_epoch
+from .engine import HeadInputs, StepContext, assert_ranks_in_sync, evaluate, share_buffers, train_one_epoch
 from .errors import UserError, one_line
 from .images import scan_files
 
@@ -58,6 +58,26 @@ def resolve_mixed_precision(mp: str, cuda: bool) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
+def join_restarted_group(cuda: bool) -> None:
+    """Form the process group of a job that torchrun restarted, in keys of its own.
+
+    torchrun's static rendezvous keeps one store for all attempts, and its workers connect to it
+    with no per-attempt prefix, so the process-group keys of the failed attempt are still there. A
+    restarted rank could read a dead peer's address from them and fail ("Gloo connectFullMesh
+    failed ... Connection refused"). Each attempt gets its own prefix; accelerate then uses this group.
+    """
+    import torch.distributed as dist
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if attempt == "0" or world == 1 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from datetime import timedelta
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=5))
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"tl_dist/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world)
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
@@ -65,6 +85,7 @@ def make_accelerator(cfg: Config):
     mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
     if mp == "fp16" and not cuda:
         raise UserError("config: train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    join_restarted_group(cuda)
     # cpu=True without CUDA makes N launched processes one gloo group (MULTI_CPU) instead of N
     # independent single-process runs.
     # The loop marks its own accumulation windows (they restart each epoch), not the data loader's end.
@@ -337,22 +358,26 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
         "mean": cfg.data.mean, "std": cfg.data.std, "world_size": accelerator.num_processes,
         "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
+        "data_path": d.describe(accelerator.device),
     }
     if main_proc:
         checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
-            f"{accelerator.device.type}; mixed precision {mp}; decoded-image cache {'on' if d.cached else 'off'}; {d.workers} loader worker(s)")
+            f"{accelerator.device.type}; mixed precision {mp}; data: {base_meta['data_path']}")
         if cfg.train.plots and start_epoch == 0:
             from . import visualize
             visualize.train_batch(d.train, classes, out / "train_batch.png", seed=cfg.train.seed)
 
+    # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs).
+    head_inputs = HeadInputs(cfg.data.cache_gb * 1e9) if frozen and cfg.model.frozen_bn == "eval" else None
     t_run = time.perf_counter()
     interrupted = 0
     for epoch in range(start_epoch, cfg.train.epochs):
         if frozen and not model_lib.frozen_at(cfg.model, epoch):
             frozen = False
             net = unfreeze(accelerator, net)
+            head_inputs = None
             ctx = dataclasses.replace(ctx, frozen=False)
             log(f"epoch {epoch + 1}/{cfg.train.epochs}: the backbone trains from now on "
                 f"(after model.unfreeze_epoch={cfg.model.unfreeze_epoch} frozen epochs)")
@@ -366,7 +391,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             interrupted = stop.signum or signal.SIGTERM
             break
         share_buffers(accelerator, net)
-        va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch)
+        va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch, head_inputs)
         digest = assert_ranks_in_sync(accelerator, net, epoch)
         # Indices are per split: train's from the train set, val's from the val set.
         bad = [d.train.samples[i][0] for i in tr.bad] + [d.val.samples[i][0] for i in va.bad]
@@ -378,7 +403,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             log(f"warning: {len(bad)} image(s) failed to decode and were left out this epoch: {paths}")
         row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
                "val_acc": va.acc, "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
-               "seconds": tr.seconds + va.seconds, "train_samples": tr.samples, "val_samples": va.samples}
+               "seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "val_seconds": va.seconds,
+               "train_samples": tr.samples, "val_samples": va.samples, **peak_memory_mb(accelerator.device)}
         if digest:
             row["weights_digest"] = digest
         history.append(row)
@@ -424,6 +450,15 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             from . import visualize
             visualize.after_training(accelerator.unwrap_model(net), d, ctx, history, best_cm, out, accelerator.device)
     return RunResult(out, best_acc, best_epoch, history)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident host memory, and peak GPU memory allocated by torch."""
+    import resource
+    peak = {"peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.type == "cuda":
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 def gather_rng(accelerator) -> list[dict]:
