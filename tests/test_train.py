@@ -162,3 +162,12 @@ def test_frozen_val_features_reused_bit_for_bit(tiny_data, tmp_path):
     a, b = ([json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("kept", "full"))
     assert len({r["val_loss"] for r in a}) == 3  # fc changes, so the val numbers do
     assert [(r["val_loss"], r["val_acc"]) for r in a] == [(r["val_loss"], r["val_acc"]) for r in b]
+
+
+def test_device_data_path_trains(tiny_data, tmp_path):
+    """data.cache=device (the GPU path: images held and augmented on the training device) end to end."""
+    assert _run(tmp_path / "dev", tiny_data, "train.epochs=2", "data.cache=device") == 0
+    best = json.loads((tmp_path / "dev" / "best.json").read_text())
+    assert best["data_path"].startswith("decoded once, kept in cpu memory; crop/resize/flip on cpu")
+    rows = [json.loads(l) for l in (tmp_path / "dev" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_samples"] for r in rows] == [22, 22] and [r["val_samples"] for r in rows] == [13, 13]

@@ -15,7 +15,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -256,15 +256,21 @@ class Data:
     classes: list[str]
     train: ImageDataset
     val: ImageDataset
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: Iterable
+    val_loader: Iterable
     train_sampler: TrainBatchSampler
-    cached: bool
+    cache: str  # where decoded images are kept: ram, device or none
     workers: int  # loader workers actually used
+
+    @property
+    def cached(self) -> bool:
+        return self.cache != "none"
 
     def describe(self, device) -> str:
         """The data path in a few words, for logs and benchmark tables."""
-        source = "decoded once, kept in RAM" if self.cached else "JPEG files decoded every epoch"
+        if self.cache == "device":
+            return f"decoded once, kept in {device.type} memory; crop/resize/flip on {device.type} in batches"
+        source = "decoded once, kept in RAM" if self.cache == "ram" else "image files decoded every epoch"
         return f"{source}; PIL augment, {self.workers} loader worker(s); normalise on {device.type}"
 
 
@@ -273,29 +279,41 @@ def _loader(ds: ImageDataset, sampler, workers: int, pin: bool) -> DataLoader:
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
+def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, device: torch.device) -> str:
+    """Where decoded images go: ``cache`` as configured, or for ``auto`` the fastest place they fit."""
+    if cfg.cache != "auto":
+        return cfg.cache
+    known = [sizes[p] for p, _ in train if p in sizes] if sizes else []
+    if not known:
+        return "none"
+    need = decoded_bytes(known) * len(train) / len(known) + len(val) * 3 * cfg.image_size ** 2
+    if device.type == "cuda" and need <= cfg.device_cache_gb * 2**30:
+        return "device"
+    return "ram" if need <= cfg.cache_gb * 2**30 else "none"
+
+
 def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sample], *,
-          seed: int, world: int = 1, rank: int = 0, pin_memory: bool = False,
+          seed: int, world: int = 1, rank: int = 0, device: torch.device = torch.device("cpu"),
           sizes: dict[str, tuple[int, int]] | None = None) -> Data:
     """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply."""
     train_ds = ImageDataset(train, cfg, train=True, seed=seed)
     val_ds = ImageDataset(val, cfg, train=False, seed=seed)
-    use_cache = cfg.cache == "ram"
-    if cfg.cache == "auto":
-        known = [sizes[p] for p, _ in train if p in sizes] if sizes else []
-        need = decoded_bytes(known) * len(train) / max(1, len(known)) if known else math.inf
-        use_cache = need <= cfg.cache_gb * 2**30
+    place = cache_place(cfg, train, val, sizes, device)
     threads = os.cpu_count() or 1
-    if use_cache:
+    if place == "ram":  # (device: decoded straight into device memory below)
         train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
+    if place != "none":
         # The val transform is deterministic, so its cache holds finished uint8 crops (small).
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
-    eval_bs = cfg.eval_batch_size or 8 * cfg.batch_size
+    eval_sampler = EvalBatchSampler(len(val), cfg.eval_batch_size or 8 * cfg.batch_size, world, rank)
+    if place == "device":
+        from . import device_data
+        return Data(classes, train_ds, val_ds, device_data.train_loader(train_ds, sampler, device, threads),
+                    device_data.eval_loader(val_ds, eval_sampler, device), sampler, place, 0)
+    pin = device.type == "cuda"
     # Training on the CPU from the RAM cache: what is left to load is light, and loader workers
     # would only take cores from the model (measured on 2 cores: 0 workers is fastest).
-    workers = 0 if use_cache and not pin_memory else cfg.num_workers
-    return Data(classes, train_ds, val_ds,
-                _loader(train_ds, sampler, workers, pin_memory),
-                _loader(val_ds, EvalBatchSampler(len(val), eval_bs, world, rank), 0 if use_cache else workers,
-                        pin_memory),
-                sampler, use_cache, workers)
+    workers = 0 if place == "ram" and not pin else cfg.num_workers
+    return Data(classes, train_ds, val_ds, _loader(train_ds, sampler, workers, pin),
+                _loader(val_ds, eval_sampler, 0 if place == "ram" else workers, pin), sampler, place, workers)

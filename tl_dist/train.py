@@ -273,7 +273,7 @@ def prepare_data(cfg: Config, accelerator, log) -> data.Data:
         val = [s for s in val if s[0] not in report.bad]
     return agree(accelerator, data.build, cfg.data, classes, train, val, seed=cfg.train.seed,
                  world=accelerator.num_processes, rank=accelerator.process_index,
-                 pin_memory=accelerator.device.type == "cuda", sizes=report.sizes)
+                 device=accelerator.device, sizes=report.sizes)
 
 
 def scan_split_files(cfg: Config, train: list, val: list, log):

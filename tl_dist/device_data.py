@@ -1,0 +1,108 @@
+"""Decoded train images held in the device's memory and augmented there, a batch at a time.
+
+With the images on the GPU the CPU loader is out of the way: per step the host draws the crop boxes
+and flips (the same draws as the PIL path, from (seed, epoch, index)), and the device crops,
+resizes (bilinear, antialiased, like PIL) and flips. The val set's finished crops sit there too.
+Works on any device; on a CPU it is only useful for testing this path.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .config import DataConfig
+from .images import BadImage
+from .data import EvalBatchSampler, ImageDataset, TrainBatchSampler, rrc_params, sample_rng, to_uint8_chw
+
+
+def crop_resize_flip(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flips: list[bool],
+                     size: int) -> torch.Tensor:
+    """uint8 CHW images of any size -> uint8 [N, 3, size, size]: RandomResizedCrop's resampling + flip."""
+    out = torch.stack([F.resized_crop(img, i, j, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
+                                      antialias=True) for img, (i, j, h, w) in zip(images, boxes)])
+    if any(flips):
+        which = torch.tensor(flips, device=out.device)
+        out = torch.where(which.view(-1, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+class DeviceTrainLoader:
+    """Yields what the DataLoader path yields, (x uint8, label, weight, index), built on the device.
+
+    An image that failed to decode when the store was filled comes back as a zero image with weight
+    0 and index -1-i, as in ImageDataset, so every rank keeps running and the loop reports the path.
+    """
+
+    def __init__(self, images: list[torch.Tensor | None], labels: list[int], sampler: TrainBatchSampler,
+                 cfg: DataConfig, seed: int, device: torch.device):
+        self.images, self.sampler, self.cfg, self.seed, self.device = images, sampler, cfg, seed, device
+        self.labels = torch.tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.cfg.image_size
+        for keys in self.sampler:
+            imgs, boxes, flips, y, w, idx = [], [], [], [], [], []
+            for index, epoch, weight in keys:
+                img = self.images[index]
+                if img is None:
+                    img, box, flip, weight, index = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device), \
+                        (0, 0, s, s), False, 0.0, -1 - index
+                else:
+                    rng = sample_rng(self.seed, epoch, index)  # the PIL path's draws, in its order
+                    box = rrc_params(rng, img.shape[2], img.shape[1], self.cfg.scale, self.cfg.ratio)
+                    flip = self.cfg.hflip and rng.random() < 0.5
+                imgs.append(img)
+                boxes.append(box)
+                flips.append(flip)
+                y.append(int(self.labels[index]) if index >= 0 else 0)
+                w.append(weight)
+                idx.append(index)
+            yield (crop_resize_flip(imgs, boxes, flips, s), torch.tensor(y), torch.tensor(w, dtype=torch.float64),
+                   torch.tensor(idx))
+
+
+class DeviceEvalLoader:
+    """Finished val crops in one device tensor, sliced by the rank's EvalBatchSampler."""
+
+    def __init__(self, crops: torch.Tensor, labels: list[int], ok: list[bool], sampler: EvalBatchSampler):
+        self.crops, self.sampler = crops, sampler
+        self.labels, self.ok = torch.tensor(labels), torch.tensor(ok)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for keys in self.sampler:
+            ids = torch.tensor([k[0] for k in keys])
+            ok = self.ok[ids]
+            yield (self.crops[ids.to(self.crops.device)], self.labels[ids], ok.to(torch.float64),
+                   torch.where(ok, ids, -1 - ids))
+
+
+def train_loader(ds: ImageDataset, sampler: TrainBatchSampler, device: torch.device,
+                 threads: int) -> DeviceTrainLoader:
+    """Decodes every train image once, in threads, straight into device memory (the host holds only
+    the images in flight, not the whole set)."""
+    def one(i: int) -> torch.Tensor | None:
+        try:
+            return to_uint8_chw(ds._decoded(i)).to(device)
+        except BadImage:
+            return None  # drawn as a weight-0 placeholder; the loop reports the path
+
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        images = list(ex.map(one, range(len(ds))))
+    return DeviceTrainLoader(images, [label for _, label in ds.samples], sampler, ds.cfg, ds.seed, device)
+
+
+def eval_loader(ds: ImageDataset, sampler: EvalBatchSampler, device: torch.device) -> DeviceEvalLoader:
+    s = ds.cfg.image_size
+    ok = [i in ds.cache for i in range(len(ds))]
+    crops = torch.stack([ds.cache.pop(i) if ok[i] else torch.zeros(3, s, s, dtype=torch.uint8)
+                         for i in range(len(ds))]).to(device)
+    return DeviceEvalLoader(crops, [label for _, label in ds.samples], ok, sampler)
