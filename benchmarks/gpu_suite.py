@@ -132,10 +132,14 @@ def main() -> None:
                  a.work / f"seed_{mode}.log")
         m = re.search(r"train_s=([\d.]+) best_val_acc=([\d.]+)", out)
         seed_s, seed_acc = float(m.group(1)), float(m.group(2))
-        for label, over in (("batch 4, lr 0.001 (seed's)", ()),
-                            ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008"))):
-            r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{over[0][-2:] if over else 'b4'}",
-                        "model.weights=none", f"train.epochs={epochs}", *over)
+        for i, (label, over) in enumerate((
+                ("batch 4, lr 0.001 (seed's)", ()),
+                ("batch 4, compiled, CUDA graphs", ("train.compile=true", "train.compile_mode=reduce-overhead")),
+                ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008")))):
+            if a.smoke and "train.compile=true" in over:
+                continue  # minutes of compiling on a small CPU
+            r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
+                        f"train.epochs={epochs}", *over)
             rows.append({"mode": mode, "tl_dist": label, "seed train s": seed_s, "tl_dist train s": r["train s"],
                          "speed-up": f"{seed_s / r['train s']:.1f}x", "seed acc": seed_acc, "tl_dist acc": r["best acc"],
                          "train img/s": r["train img/s"], "data path": r["data path"], "precision": r["precision"]})

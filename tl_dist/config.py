@@ -82,6 +82,8 @@ class TrainSection:
     sync_batchnorm: bool = False
     plots: bool = True
     compile: bool = False
+    # reduce-overhead: CUDA graphs, for small batches that are bound by kernel launches on a GPU
+    compile_mode: str = _choice("default", "reduce-overhead", "max-autotune", default="default")
 
 
 @dataclass

@@ -332,7 +332,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     if cfg.model.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        net.compile()
+        net.compile(mode=cfg.train.compile_mode)
     optimizer = build_optimizer(net, cfg)
     frozen = model_lib.frozen_at(cfg.model, start_epoch)  # the phase the wrapper is built for
     if cfg.model.mode == "frozen_then_finetune" and cfg.model.unfreeze_epoch >= cfg.train.epochs:
