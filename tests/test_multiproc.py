@@ -30,11 +30,13 @@ def test_two_processes_one_job_one_writer(tiny_data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no stray temp files
 
 
-def test_frozen_parity_one_vs_two_processes(tiny_data, tmp_path):
-    """1 process with batch 2B == 2 processes with batch B: same fc weights, same val metrics."""
+@pytest.mark.parametrize("cache", ["ram", "device"])
+def test_frozen_parity_one_vs_two_processes(tiny_data, tmp_path, cache):
+    """1 process with batch 2B == 2 processes with batch B: same fc weights, same val metrics, with the
+    PIL data path and with the device path (images held and augmented on the training device)."""
     save_file(model.create("resnet18", 1000).state_dict(), str(tmp_path / "init.safetensors"))
     common = ("model.mode=frozen", f"model.weights={tmp_path / 'init.safetensors'}", "train.epochs=2",
-              "optim.lr=0.05")
+              "optim.lr=0.05", f"data.cache={cache}")
     one = run_cli("-m", "tl_dist.train", *_args(tiny_data, tmp_path / "one", *common, "data.batch_size=6"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch(2, *_args(tiny_data, tmp_path / "two", *common, "data.batch_size=3"))

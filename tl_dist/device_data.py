@@ -14,8 +14,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .config import DataConfig
-from .images import BadImage
 from .data import EvalBatchSampler, ImageDataset, TrainBatchSampler, rrc_params, sample_rng, to_uint8_chw
+from .images import BadImage
 
 
 def crop_resize_flip(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flips: list[bool],

@@ -72,6 +72,8 @@ def join_restarted_group(cuda: bool) -> None:
     if attempt == "0" or world == 1 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
     from datetime import timedelta
+    if cuda:  # NCCL binds to the device current when it first communicates
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timedelta(minutes=5))
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"tl_dist/attempt_{attempt}", store),
