@@ -13,6 +13,7 @@ Prints markdown tables; every run's own output is kept under --work.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -35,6 +36,15 @@ def sh(cmd: list[str], log: Path) -> str:
     return r.stdout
 
 
+def link_all(pairs, out: Path) -> Path:
+    """Hard-link each (source, destination) pair, then mark ``out`` complete."""
+    for src, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
+    (out / ".done").touch()
+    return out
+
+
 def make_set(bench: Path, out: Path, train: int, val: int, parts: int) -> Path:
     """make_data.py in ``parts`` parallel processes (different seeds), merged by hard links."""
     if (out / ".done").exists():
@@ -44,44 +54,27 @@ def make_set(bench: Path, out: Path, train: int, val: int, parts: int) -> Path:
         list(ex.map(lambda i: subprocess.run(
             [sys.executable, str(bench / "make_data.py"), str(out / f"part{i}"), "--train", str(per),
              "--val", str(val if i == 0 else 0), "--seed", str(i)], check=True), range(parts)))
-    for i in range(parts):
-        for f in (out / f"part{i}").rglob("*.jpg"):
-            rel = f.relative_to(out / f"part{i}")
-            dst = out / rel.parent / f"p{i}_{rel.name}"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.link(f, dst)
-    (out / ".done").touch()
-    return out
+    return link_all(((f, out / f.relative_to(out / f"part{i}").parent / f"p{i}_{f.name}")
+                     for i in range(parts) for f in (out / f"part{i}").rglob("*.jpg")), out)
 
 
 def linked_copies(src: Path, out: Path, times: int) -> Path:
     """``times`` x the train files of ``src`` (hard links, new names), and its val set."""
     if (out / ".done").exists():
         return out
-    for f in (src / "train").rglob("*.jpg"):
-        for k in range(times):
-            dst = out / "train" / f.parent.name / f"c{k}_{f.name}"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.link(f, dst)
-    for f in (src / "val").rglob("*.jpg"):
-        dst = out / "val" / f.parent.name / f.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, dst)
-    (out / ".done").touch()
-    return out
+    train = ((f, out / "train" / f.parent.name / f"c{k}_{f.name}")
+             for f in (src / "train").rglob("*.jpg") for k in range(times))
+    val = ((f, out / f.relative_to(src)) for f in (src / "val").rglob("*.jpg"))
+    return link_all(itertools.chain(train, val), out)
 
 
 def subset(src: Path, out: Path, n: int) -> Path:
+    """``n`` of the train files of ``src``, spread over its classes, and its val set."""
     if (out / ".done").exists():
         return out
     files = sorted((src / "train").rglob("*.jpg"))
     files = files[:: max(1, len(files) // n)][:n]
-    for f in files + sorted((src / "val").rglob("*.jpg")):
-        dst = out / f.relative_to(src)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, dst)
-    (out / ".done").touch()
-    return out
+    return link_all(((f, out / f.relative_to(src)) for f in files + sorted((src / "val").rglob("*.jpg"))), out)
 
 
 def tl_dist(config: str, data: Path, out: Path, *over: str) -> dict:

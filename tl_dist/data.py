@@ -107,14 +107,20 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def train_draws(rng: random.Random, width: int, height: int,
+                cfg: DataConfig) -> tuple[tuple[int, int, int, int], bool]:
+    """One sample's augmentation draws, in the seed's order: the RandomResizedCrop box (top, left,
+    height, width), then the RandomHorizontalFlip coin. Every data path draws through here."""
+    box = rrc_params(rng, width, height, cfg.scale, cfg.ratio)
+    return box, cfg.hflip and rng.random() < 0.5
+
+
 def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig) -> torch.Tensor:
     """The seed's RandomResizedCrop + RandomHorizontalFlip, as uint8 CHW (ToTensor/Normalize on device)."""
-    i, j, h, w = rrc_params(rng, img.width, img.height, cfg.scale, cfg.ratio)
+    (i, j, h, w), flip = train_draws(rng, img.width, img.height, cfg)
     out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
                          interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if cfg.hflip and rng.random() < 0.5:
-        out = F.hflip(out)
-    return to_uint8_chw(out)
+    return to_uint8_chw(F.hflip(out) if flip else out)
 
 
 def eval_transform(img: Image.Image, resize_size: int, image_size: int) -> torch.Tensor:

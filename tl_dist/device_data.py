@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .config import DataConfig
-from .data import EvalBatchSampler, ImageDataset, TrainBatchSampler, rrc_params, sample_rng, to_uint8_chw
+from .data import EvalBatchSampler, ImageDataset, TrainBatchSampler, sample_rng, to_uint8_chw, train_draws
 from .images import BadImage
 
 
@@ -38,29 +38,32 @@ class DeviceTrainLoader:
 
     def __init__(self, images: list[torch.Tensor | None], labels: list[int], sampler: TrainBatchSampler,
                  cfg: DataConfig, seed: int, device: torch.device):
-        self.images, self.sampler, self.cfg, self.seed, self.device = images, sampler, cfg, seed, device
-        self.labels = torch.tensor(labels)
+        self.images, self.labels, self.sampler = images, labels, sampler
+        self.cfg, self.seed, self.device = cfg, seed, device
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
         s = self.cfg.image_size
+        blank = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device)
         for keys in self.sampler:
             imgs, boxes, flips, y, w, idx = [], [], [], [], [], []
             for index, epoch, weight in keys:
                 img = self.images[index]
                 if img is None:
-                    img, box, flip, weight, index = torch.zeros(3, s, s, dtype=torch.uint8, device=self.device), \
-                        (0, 0, s, s), False, 0.0, -1 - index
-                else:
-                    rng = sample_rng(self.seed, epoch, index)  # the PIL path's draws, in its order
-                    box = rrc_params(rng, img.shape[2], img.shape[1], self.cfg.scale, self.cfg.ratio)
-                    flip = self.cfg.hflip and rng.random() < 0.5
+                    imgs.append(blank)
+                    boxes.append((0, 0, s, s))
+                    flips.append(False)
+                    y.append(0)
+                    w.append(0.0)
+                    idx.append(-1 - index)
+                    continue
+                box, flip = train_draws(sample_rng(self.seed, epoch, index), img.shape[2], img.shape[1], self.cfg)
                 imgs.append(img)
                 boxes.append(box)
                 flips.append(flip)
-                y.append(int(self.labels[index]) if index >= 0 else 0)
+                y.append(self.labels[index])
                 w.append(weight)
                 idx.append(index)
             yield (crop_resize_flip(imgs, boxes, flips, s), torch.tensor(y), torch.tensor(w, dtype=torch.float64),

@@ -128,7 +128,7 @@ def share_buffers(accelerator, model) -> None:
     """
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
-        buffers = [b for b in accelerator.unwrap_model(model).buffers()]
+        buffers = list(accelerator.unwrap_model(model).buffers())
         if buffers:
             broadcast(buffers, from_process=0)
 
@@ -166,11 +166,10 @@ class HeadInputs:
     With the backbone frozen and its BatchNorm in eval mode, the network up to ``fc`` is the same
     function in every epoch and the val transform is deterministic, so these inputs never change:
     later evaluations run ``fc`` alone on them and get the same bits as a full forward pass, in a
-    fraction of the time. Kept only if they fit ``budget_bytes``.
+    fraction of the time. The caller creates one only where they fit its memory budget.
     """
 
-    def __init__(self, budget_bytes: float) -> None:
-        self.budget = budget_bytes
+    def __init__(self) -> None:
         self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (x_fc, y, w)
 
 
@@ -193,7 +192,6 @@ def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epo
     reuse = head_inputs is not None and head_inputs.batches is not None
     keep: list | None = [] if head_inputs is not None and not reuse else None
     seen: list[torch.Tensor] = []
-    kept = 0
     hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0])) if keep is not None else None
 
     def batches():
@@ -211,10 +209,6 @@ def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epo
             out = head(x) if reuse else net(x)
         if keep is not None:
             keep.append((seen.pop(), y, w))
-            kept += keep[-1][0].numel() * keep[-1][0].element_size()
-            if kept > head_inputs.budget:  # too large to keep: every evaluation runs the whole network
-                hook.remove()
-                keep = None
         ok = w > 0
         loss_sum += F.cross_entropy(out.float()[ok], y[ok], reduction="sum")
         confusion += torch.bincount(y[ok] * num_classes + out.argmax(1)[ok],

@@ -371,8 +371,11 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             from . import visualize
             visualize.train_batch(d.train, classes, out / "train_batch.png", seed=cfg.train.seed)
 
-    # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs).
-    head_inputs = HeadInputs(cfg.data.cache_gb * 1e9) if frozen and cfg.model.frozen_bn == "eval" else None
+    # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs) when
+    # they fit the host cache budget (fp32 size, an upper bound: one vector per val image).
+    feature_bytes = len(d.val) * getattr(accelerator.unwrap_model(net), model_lib.HEAD).in_features * 4
+    keep_features = frozen and cfg.model.frozen_bn == "eval" and feature_bytes <= cfg.data.cache_gb * 2**30
+    head_inputs = HeadInputs() if keep_features else None
     t_run = time.perf_counter()
     interrupted = 0
     for epoch in range(start_epoch, cfg.train.epochs):
