@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, config, data, demo, model as model_lib
+from . import __version__, checkpoint, config, data, demo, host_memory, model as model_lib
 from .config import Config
 from .engine import HeadInputs, StepContext, assert_ranks_in_sync, evaluate, share_buffers, train_one_epoch
 from .errors import UserError, one_line
@@ -306,6 +306,8 @@ def train(cfg: Config) -> RunResult:
 def _train(cfg: Config, stop: StopRequest) -> RunResult:
     accelerator, mp = make_accelerator(cfg)
     main_proc = accelerator.is_main_process
+    if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
+        host_memory.keep_freed_memory()
 
     def log(msg: str) -> None:
         if main_proc:
