@@ -26,14 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sh(cmd: list[str], log: Path) -> str:
+def sh(cmd: list[str], log: Path) -> tuple[str, float]:
+    """(stdout, wall seconds) of ``cmd``; exits with its error output if it fails."""
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    log.write_text(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\nrc={r.returncode} {time.perf_counter() - t0:.1f}s\n")
+    wall = time.perf_counter() - t0
+    log.write_text(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\nrc={r.returncode} {wall:.1f}s\n")
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)} (see {log})\n{r.stderr[-1500:]}")
-    return r.stdout
+    return r.stdout, wall
 
 
 def link_all(pairs, out: Path) -> Path:
@@ -78,13 +80,14 @@ def subset(src: Path, out: Path, n: int) -> Path:
 
 
 def tl_dist(config: str, data: Path, out: Path, *over: str) -> dict:
-    stdout = sh([sys.executable, "-m", "tl_dist.train", "--config", config, f"data.root={data}",
+    stdout, wall = sh([sys.executable, "-m", "tl_dist.train", "--config", config, f"data.root={data}",
                  f"train.output_dir={out}", "train.resume=none", "train.plots=false", *over], out.with_suffix(".log"))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     meta = json.loads((out / "best.json").read_text())
     steady = rows[1:] or rows  # epoch 1 includes cache filling and first-call overheads
     return {
         "train s": sum(r["train_seconds"] + r["val_seconds"] for r in rows),
+        "wall s": wall,  # the whole process: start-up, cache filling, checkpoint writing
         "train img/s": sum(r["train_samples"] for r in steady) / sum(r["train_seconds"] for r in steady),
         "val img/s": sum(r["val_samples"] for r in steady) / sum(r["val_seconds"] for r in steady),
         "peak host MB": max(r["peak_host_mb"] for r in rows),
@@ -121,7 +124,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(a.bench / "make_data.py"), str(hym)], check=True)
     rows = []
     for mode in ("finetune", "frozen"):
-        out = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode, "--epochs", str(epochs)],
+        out, seed_wall = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode, "--epochs", str(epochs)],
                  a.work / f"seed_{mode}.log")
         m = re.search(r"train_s=([\d.]+) best_val_acc=([\d.]+)", out)
         seed_s, seed_acc = float(m.group(1)), float(m.group(2))
@@ -134,7 +137,8 @@ def main() -> None:
             r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
                         f"train.epochs={epochs}", *over)
             rows.append({"mode": mode, "tl_dist": label, "seed train s": seed_s, "tl_dist train s": r["train s"],
-                         "speed-up": f"{seed_s / r['train s']:.1f}x", "seed acc": seed_acc, "tl_dist acc": r["best acc"],
+                         "speed-up": f"{seed_s / r['train s']:.1f}x", "seed wall s": seed_wall,
+                         "tl_dist wall s": r["wall s"], "seed acc": seed_acc, "tl_dist acc": r["best acc"],
                          "train img/s": r["train img/s"], "data path": r["data path"], "precision": r["precision"]})
     print(f"\n### Target 2: the seed's workload, {epochs} epochs, weights none\n\n{table(rows)}\n", flush=True)
 

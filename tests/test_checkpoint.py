@@ -58,3 +58,46 @@ def test_resume_state_loads_without_unpickling_code(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="bad.pt"):
         checkpoint.load_state(tmp_path / "bad.pt")
+
+
+def test_snapshot_is_not_changed_by_later_in_place_updates():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    weights, state = checkpoint.snapshot(net.state_dict()), checkpoint.snapshot(opt.state_dict())
+    w0, m0 = weights["weight"].clone(), state["state"][0]["momentum_buffer"].clone()
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()  # changes the weights and the momentum buffers in place
+    assert not torch.equal(net.weight, w0)
+    assert torch.equal(weights["weight"], w0) and torch.equal(state["state"][0]["momentum_buffer"], m0)
+    assert state["param_groups"][0]["lr"] == 0.1
+
+
+def test_background_writer_runs_jobs_in_order_one_at_a_time():
+    import threading
+    w, done, release = checkpoint.BackgroundWriter(), [], threading.Event()
+
+    def first():
+        release.wait(10)
+        done.append(1)
+    w.submit(first)
+    assert done == []  # submit returned while the job is still running
+    release.set()
+    w.submit(lambda: done.append(2))  # waits for the first job before starting the second
+    assert done[0] == 1
+    w.close()
+    assert done == [1, 2]
+
+
+def test_background_writer_raises_a_failed_write():
+    w = checkpoint.BackgroundWriter()
+
+    def fail():
+        raise UserError("checkpoint: disk full")
+    w.submit(fail)
+    with pytest.raises(UserError, match="disk full"):
+        w.submit(lambda: None)  # the next epoch boundary
+    w.submit(fail)
+    with pytest.raises(UserError, match="disk full"):
+        w.close()

@@ -76,6 +76,34 @@ def test_same_seed_same_run(tiny_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["between-epochs", "background"])
+def test_failed_checkpoint_write_stops_the_run_and_loses_no_epoch(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                  background):
+    """Whether files are written between epochs (CPU) or while the next epoch trains (GPU), a failed
+    write stops the run with a clear error, the epoch before stays resumable, and the same command
+    then finishes the run."""
+    monkeypatch.setattr(train, "write_in_background", lambda: background)
+    real, calls = checkpoint.save_state, []
+
+    def disk_full_at_epoch_1(path, state):
+        calls.append(state["epoch"])
+        if state["epoch"] == 1:
+            raise OSError(28, "No space left on device")
+        real(path, state)
+    monkeypatch.setattr(checkpoint, "save_state", disk_full_at_epoch_1)
+    out = tmp_path / "run"
+    assert _run(out, tiny_data, "train.epochs=4") == 2
+    err = capsys.readouterr().err
+    assert "writing epoch 1's files in" in err and "No space left on device" in err and str(out) in err
+    assert calls == [0, 1]  # stopped at the next epoch boundary, before writing another epoch
+    assert checkpoint.load_state(out / "resume.pt")["epoch"] == 0
+    monkeypatch.setattr(checkpoint, "save_state", real)
+    assert _run(out, tiny_data, "train.epochs=4") == 0
+    assert "after epoch 0" in capsys.readouterr().out  # "resuming ... after epoch 0"
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+
+
 def test_frozen_backbone_and_bn_buffers_bit_identical(tiny_data, tmp_path):
     init = model.create("resnet18", 1000).state_dict()
     save_file(init, str(tmp_path / "init.safetensors"))

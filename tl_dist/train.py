@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -298,12 +299,46 @@ def scan_split_files(cfg: Config, train: list, val: list, log):
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: Config) -> RunResult:
-    """One training run; returns its result. SIGTERM/SIGINT stop it cleanly at a step boundary."""
-    with StopRequest() as stop:
-        return _train(cfg, stop)
+    """One training run; returns its result. SIGTERM/SIGINT stop it cleanly at a step boundary.
+
+    Returns (or raises) only once every epoch's files are on disk.
+    """
+    writer = checkpoint.BackgroundWriter(background=write_in_background())
+    try:
+        with StopRequest() as stop:
+            result = _train(cfg, stop, writer)
+    except BaseException:
+        try:  # keep the last complete epoch; the error in flight is the one to report
+            writer.close()
+        except Exception as e:
+            print(f"warning: {one_line(e)}", file=sys.stderr, flush=True)
+        raise
+    writer.close()
+    return result
 
 
-def _train(cfg: Config, stop: StopRequest) -> RunResult:
+def write_in_background() -> bool:
+    """Checkpoint files are written while the next epoch runs where the model trains on a GPU (the
+    host's cores are free); where it trains on the CPU, they are written between epochs."""
+    return torch.cuda.is_available()
+
+
+def save_epoch(out: Path, weights: dict, meta: dict, is_best: bool, history: list[dict], state: dict) -> None:
+    """An epoch's files (rank 0, on the writer's thread), in an order that leaves the run resumable
+    at every moment: weights, metrics, then the resume state, which only ever points at complete files."""
+    try:
+        checkpoint.save_weights(out / "last.safetensors", weights, {**meta, "kind": "last"})
+        if is_best:
+            checkpoint.save_weights(out / "best.safetensors", weights, {**meta, "kind": "best"})
+        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        checkpoint.save_state(out / "resume.pt", state)
+    except OSError as e:
+        raise UserError(f"checkpoint: writing epoch {meta['epoch']}'s files in {out} failed: {e}. The files of "
+                        f"the epochs before are intact: free space (or fix the folder) and run the same command "
+                        f"to resume") from None
+
+
+def _train(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) -> RunResult:
     accelerator, mp = make_accelerator(cfg)
     main_proc = accelerator.is_main_process
     if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
@@ -424,17 +459,14 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         rngs = gather_rng(accelerator)
         if main_proc:
             meta = {**base_meta, "epoch": epoch, "val_acc": va.acc, "val_loss": va.loss}
-            checkpoint.save_weights(out / "last.safetensors", weights, {**meta, "kind": "last"})
-            if is_best:
-                checkpoint.save_weights(out / "best.safetensors", weights, {**meta, "kind": "best"})
-            checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-            # The resume state is written last: it only ever points at complete files.
-            checkpoint.save_state(out / "resume.pt", {
-                "epoch": epoch, "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
-                "model": {k: v.detach().cpu() for k, v in weights.items()},
-                "optimizer": optimizer.state_dict(), "rng": rngs, "best_model": best_state, "best_confusion": best_cm,
+            # Copies taken now; the files are written while the next epoch trains.
+            weights = checkpoint.snapshot(weights)
+            writer.submit(functools.partial(save_epoch, out, weights, meta, is_best, list(history), {
+                "epoch": epoch, "best_val_acc": best_acc, "best_epoch": best_epoch, "history": list(history),
+                "model": weights, "optimizer": checkpoint.snapshot(optimizer.state_dict()), "rng": rngs,
+                "best_model": best_state, "best_confusion": best_cm,
                 "classes": classes, "arch": cfg.model.arch, "mode": cfg.model.mode,
-            })
+            }))
             print(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {tr.loss:.4f} acc {tr.acc:.4f}  "
                   f"val loss {va.loss:.4f} acc {va.acc:.4f}  lr {lrs[0]:.2g}"
                   f"{'' if frozen or lrs[-1] == lrs[0] else f' (backbone {lrs[-1]:.2g})'}  {row['seconds']:.1f}s"
@@ -445,6 +477,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     total = time.perf_counter() - t_run
     accelerator.wait_for_everyone()
     if interrupted:
+        writer.wait()  # before saying so
         log(f"interrupted: stopped at a step boundary; the last complete epoch is saved in {out}. "
             f"Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
         return RunResult(out, best_acc, best_epoch, history, interrupted=int(interrupted))
