@@ -26,15 +26,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class RunFailed(Exception):
+    """One run of the suite failed; its row says so and the suite goes on (GPU minutes are scarce)."""
+
+
 def sh(cmd: list[str], log: Path) -> tuple[str, float]:
-    """(stdout, wall seconds) of ``cmd``; exits with its error output if it fails."""
+    """(stdout, wall seconds) of ``cmd``; raises RunFailed (its error output kept in ``log``) if it fails."""
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - t0
     log.write_text(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\nrc={r.returncode} {wall:.1f}s\n")
     if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)} (see {log})\n{r.stderr[-1500:]}")
+        print(f"failed: {' '.join(cmd)} (see {log})\n{r.stderr[-1500:]}", file=sys.stderr, flush=True)
+        raise RunFailed(f"failed, rc {r.returncode}: see {log.name}")
     return r.stdout, wall
 
 
@@ -98,10 +103,10 @@ def tl_dist(config: str, data: Path, out: Path, *over: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [c for c in rows[0] if c != "stdout"]
+    cols = list(dict.fromkeys(c for r in rows for c in r if c != "stdout"))  # a failed row has fewer
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 1.5 else f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                     + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows])
+                     + ["| " + " | ".join(fmt(r.get(c, "-")) for c in cols) + " |" for r in rows])
 
 
 def main() -> None:
@@ -124,8 +129,12 @@ def main() -> None:
         subprocess.run([sys.executable, str(a.bench / "make_data.py"), str(hym)], check=True)
     rows = []
     for mode in ("finetune", "frozen"):
-        out, seed_wall = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode, "--epochs", str(epochs)],
-                 a.work / f"seed_{mode}.log")
+        try:
+            out, seed_wall = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode,
+                                 "--epochs", str(epochs)], a.work / f"seed_{mode}.log")
+        except RunFailed as e:
+            rows.append({"mode": mode, "tl_dist": "seed's code", "error": str(e)})
+            continue
         m = re.search(r"train_s=([\d.]+) best_val_acc=([\d.]+)", out)
         seed_s, seed_acc = float(m.group(1)), float(m.group(2))
         for i, (label, over) in enumerate((
@@ -134,8 +143,12 @@ def main() -> None:
                 ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008")))):
             if a.smoke and "train.compile=true" in over:
                 continue  # minutes of compiling on a small CPU
-            r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
-                        f"train.epochs={epochs}", *over)
+            try:
+                r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
+                            f"train.epochs={epochs}", *over)
+            except RunFailed as e:
+                rows.append({"mode": mode, "tl_dist": label, "error": str(e)})
+                continue
             rows.append({"mode": mode, "tl_dist": label, "seed train s": seed_s, "tl_dist train s": r["train s"],
                          "speed-up": f"{seed_s / r['train s']:.1f}x", "seed wall s": seed_wall,
                          "tl_dist wall s": r["wall s"], "seed acc": seed_acc, "tl_dist acc": r["best acc"],
@@ -152,7 +165,12 @@ def main() -> None:
     rows = []
     for name, data, extra in (("1k", k1, ()), ("8k", k8, ()), ("64k", k64, ()),
                               ("64k, device cache forced", k64, ("data.cache=device",))):
-        r = tl_dist("configs/finetune.yaml", data, a.work / f"scale_{name.split(',')[0]}_{len(extra)}", *common, *extra)
+        try:
+            r = tl_dist("configs/finetune.yaml", data, a.work / f"scale_{name.split(',')[0]}_{len(extra)}",
+                        *common, *extra)
+        except RunFailed as e:
+            rows.append({"train images": name, "error": str(e)})
+            continue
         rows.append({"train images": name, "train img/s": r["train img/s"], "val img/s": r["val img/s"],
                      "peak host MB": r["peak host MB"], "peak GPU MB": r["peak GPU MB"], "data path": r["data path"],
                      "precision": r["precision"]})
