@@ -84,6 +84,9 @@ class TrainSection:
     compile: bool = False
     # reduce-overhead: CUDA graphs, for small batches that are bound by kernel launches on a GPU
     compile_mode: str = _choice("default", "reduce-overhead", "max-autotune", default="default")
+    # the whole train step (forward, backward, SGD) replayed as one CUDA graph: small batches on one
+    # GPU, without compiling; needs one process, grad_accum_steps 1, mixed_precision bf16 or no
+    cuda_graphs: bool = False
 
 
 @dataclass

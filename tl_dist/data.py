@@ -9,6 +9,7 @@ Images leave the loader as uint8 (4x less to copy); normalisation happens on the
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -129,10 +130,16 @@ def eval_transform(img: Image.Image, resize_size: int, image_size: int) -> torch
     return to_uint8_chw(F.center_crop(img, [image_size, image_size]))
 
 
+@functools.lru_cache(maxsize=8)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh tensor each step would be a host-to-GPU copy each step.
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(x: torch.Tensor, mean: list[float], std: list[float], channels_last: bool) -> torch.Tensor:
     """uint8 NCHW batch on any device -> float, normalised as ToTensor + Normalize would."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    m, s = _mean_std(tuple(mean), tuple(std), x.device)
     x = (x.float() - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

@@ -7,6 +7,7 @@ ranks. Padding samples carry weight 0 and so never reach the gradient or the met
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -68,11 +69,136 @@ def _gather_bad(accelerator, bad: list[int]) -> list[int]:
     return sorted(set(gather_object(bad)))
 
 
+class GraphedStep:
+    """The whole train step as one CUDA graph: forward, loss, backward, SGD step and metric sums.
+
+    At the seed's batch size a GPU step is bound by launching its several hundred kernels one at a
+    time from Python (an H200 runs the eager batch-4 step at 442 images/s); replaying a captured
+    graph launches them all at once. A graph bakes in what it saw when it was captured; this class
+    keeps each of those right:
+    - the tensors it reads and writes: every batch is copied into fixed input buffers;
+    - the learning rates, the trainable parameters and each layer's train/eval mode: the loop
+      passes them as the epoch's key, and another key means a new capture;
+    - the optimizer's state: SGD creates its momentum buffers in its first step, and a graph
+      captured before that would replay the creation forever, so capture waits for ``warmup``
+      eager steps under the key and for every buffer to exist;
+    - the batch size: a batch of another size (a short last batch) runs eagerly.
+    Each replay writes the gradients (there were none when it was captured) rather than adding to
+    them; an eager step in between drops them first (``before_eager``).
+
+    Conditions, checked by the caller: one process, no accumulation, bf16 or fp32 (fp16's loss
+    scaler checks for overflow on the host), an optimizer whose step never waits for the host.
+    If a capture fails all the same (an operation that cannot be captured), nothing was executed
+    by it: the step runs eagerly, ``failed`` says why, and the run goes on without graphs.
+    ``capture=False`` (no CUDA) runs the same buffers and bookkeeping eagerly, and checks on every
+    step that nothing a graph would have baked in has changed: the logic is tested on the CPU.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, autocast_dtype: torch.dtype | None,
+                 warmup: int = 3, capture: bool = True):
+        self.opt, self.device, self.dtype = optimizer, device, autocast_dtype
+        self.warmup, self.capture = warmup, capture
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # weighted loss, correct, count
+        self.model: torch.nn.Module | None = None
+        self.captures = 0
+        self.failed: str | None = None
+        self._key: tuple | None = None
+        self._eager = 0
+        self._graph = None
+        self._static: tuple[torch.Tensor, ...] | None = None  # x, y, w, loss scale
+        self._baked: tuple | None = None
+
+    def begin_epoch(self, model: torch.nn.Module, key: tuple) -> None:
+        self.sums.zero_()
+        self.model = model
+        if key != self._key:
+            self._key, self._eager, self._graph, self._static, self._baked = key, 0, None, None, None
+
+    def can_replay(self, batch_size: int) -> bool:
+        if self.failed:
+            return False
+        if self._static is not None:
+            return self._static[0].shape[0] == batch_size
+        return self._eager >= self.warmup and self._state_ready()
+
+    def before_eager(self) -> None:
+        if self._static is not None:  # the parameters' .grad are the graph's buffers: start afresh
+            self.opt.zero_grad(set_to_none=True)
+
+    def eager_done(self) -> None:
+        self._eager += 1
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> bool:
+        """One train step through the graph (captured first if needed). False: the capture failed
+        and nothing was done; the caller runs this step eagerly."""
+        if self._static is None:
+            try:
+                self._capture(x, y, w)
+            except RuntimeError as e:
+                self.failed = " ".join(str(e).split())[:300]
+                self._graph = self._static = None
+                self.opt.zero_grad(set_to_none=True)  # .grad set while capturing hold nothing
+                return False
+        sx, sy, sw, ss = self._static
+        sx.copy_(x)
+        sy.copy_(y)
+        sw.copy_(w)
+        ss.fill_(scale)
+        if self._graph is not None:
+            self._graph.replay()
+            return True
+        if self._bake() != self._baked:
+            raise RuntimeError("GraphedStep: learning rates, trainable parameters or layer modes changed "
+                               "under the same key; a CUDA graph would have replayed stale ones")
+        self.opt.zero_grad(set_to_none=True)  # a replay writes the gradients; an eager backward would add
+        self._body(sx, sy, sw, ss)
+        return True
+
+    def _state_ready(self) -> bool:
+        return all(self.opt.state.get(p, {}).get("momentum_buffer") is not None
+                   for g in self.opt.param_groups if g.get("momentum", 0) for p in g["params"] if p.requires_grad)
+
+    def _bake(self) -> tuple:
+        return (tuple(g["lr"] for g in self.opt.param_groups),
+                tuple(p.requires_grad for g in self.opt.param_groups for p in g["params"]),
+                tuple(m.training for m in self.model.modules()))
+
+    def _body(self, x, y, w, scale) -> None:
+        # No autocast cache: every cast must happen inside the graph, none may come from before it.
+        cast = (torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False) if self.dtype is not None
+                else contextlib.nullcontext())
+        with cast:
+            out = self.model(x)
+        per_sample = F.cross_entropy(out.float(), y, reduction="none")
+        ((per_sample * w).sum() * scale).backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.sums += torch.stack([(per_sample.detach() * w).sum(), ((out.argmax(1) == y).float() * w).sum(),
+                                      w.sum()]).double()
+
+    def _capture(self, x, y, w) -> None:
+        static = (torch.empty_like(x), torch.empty_like(y), torch.empty_like(w),
+                  torch.zeros((), device=x.device, dtype=torch.float32))
+        self.opt.zero_grad(set_to_none=True)  # so the captured backward allocates .grad in the graph's pool
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (pin-memory, checkpoint writer) may use CUDA meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._body(*static)
+            self._graph = graph
+        self._static, self._baked = static, self._bake()
+        self.captures += 1
+
+
 def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSampler, ctx: StepContext,
-                    epoch: int, should_stop: Callable[[], bool] = lambda: False) -> EpochResult:
+                    epoch: int, should_stop: Callable[[], bool] = lambda: False,
+                    graphed: GraphedStep | None = None) -> EpochResult:
     t0 = time.perf_counter()
     model.train()
     set_train_mode(accelerator.unwrap_model(model), True, ctx.frozen, ctx.frozen_bn)
+    if graphed is not None:
+        graphed.begin_epoch(model, (id(model), tuple(g["lr"] for g in optimizer.param_groups), ctx.frozen,
+                                    ctx.frozen_bn))
     world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
     dev = accelerator.device
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
@@ -92,27 +218,37 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
             # epoch and the last one may be short, so its count starts where it ends on our last step.
             accelerator.step = k - (hi - lo)
         denom = sum(sampler.global_count(s) for s in range(lo, hi))
-        # Inside a window DDP skips the all-reduce (no_sync); the window's last step syncs, and only
-        # then do the prepared optimizer's step() and zero_grad() act.
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                out = model(x)
-            per_sample = F.cross_entropy(out.float(), y, reduction="none")
-            # backward() divides by k; this loss is already the window's exact share, so undo that.
-            loss = (per_sample * w).sum() * (world * k / denom)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        boundary = accelerator.sync_gradients
-        with torch.no_grad():
-            loss_sum += (per_sample.detach() * w).sum()
-            correct += ((out.argmax(1) == y).float() * w).sum()
-            count += w.sum()
+        # (one process and k = 1 on the graph path: the same step as the eager one below)
+        if graphed is not None and graphed.can_replay(len(y)) and graphed.step(x, y, w, world * k / denom):
+            boundary = True
+        else:
+            if graphed is not None:
+                graphed.before_eager()
+            # Inside a window DDP skips the all-reduce (no_sync); the window's last step syncs, and
+            # only then do the prepared optimizer's step() and zero_grad() act.
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    out = model(x)
+                per_sample = F.cross_entropy(out.float(), y, reduction="none")
+                # backward() divides by k; this loss is already the window's exact share, so undo that.
+                loss = (per_sample * w).sum() * (world * k / denom)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            boundary = accelerator.sync_gradients
+            with torch.no_grad():
+                loss_sum += (per_sample.detach() * w).sum()
+                correct += ((out.argmax(1) == y).float() * w).sum()
+                count += w.sum()
+            if graphed is not None:
+                graphed.eager_done()
         bar.update(1)
         if boundary and should_stop():
             stopped = True
             break
     bar.close()
+    if graphed is not None:
+        loss_sum, correct, count = loss_sum + graphed.sums[0], correct + graphed.sums[1], count + graphed.sums[2]
     loss_sum, correct, count = _reduce_sum(accelerator, [loss_sum, correct, count])
     n = max(1.0, count.item())
     return EpochResult(loss_sum.item() / n, correct.item() / n, int(count.item()),

@@ -27,7 +27,8 @@ import torch
 
 from . import __version__, checkpoint, config, data, demo, host_memory, model as model_lib
 from .config import Config
-from .engine import HeadInputs, StepContext, assert_ranks_in_sync, evaluate, share_buffers, train_one_epoch
+from .engine import (GraphedStep, HeadInputs, StepContext, assert_ranks_in_sync, evaluate, share_buffers,
+                     train_one_epoch)
 from .errors import UserError, one_line
 from .images import scan_files
 
@@ -247,6 +248,30 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
                            weight_decay=cfg.optim.weight_decay, foreach=True)
 
 
+def can_capture(device: torch.device) -> bool:
+    """Whether CUDA graphs can be captured on ``device`` (tests replace this to run the graph path's
+    bookkeeping on the CPU, where GraphedStep runs it eagerly)."""
+    return device.type == "cuda"
+
+
+def check_cuda_graphs(cfg: Config, accelerator, mp: str) -> None:
+    """train.cuda_graphs=true: a one-line error naming whatever is in the way, before any work."""
+    t = cfg.train
+    if not t.cuda_graphs:
+        return
+    why = [w for w, bad in (
+        (f"a CUDA GPU (this run is on {accelerator.device.type})", not can_capture(accelerator.device)),
+        (f"one process (this run has {accelerator.num_processes}; with several GPUs use a larger batch)",
+         accelerator.num_processes > 1),
+        (f"train.grad_accum_steps=1 (it is {t.grad_accum_steps})", t.grad_accum_steps > 1),
+        ("train.mixed_precision bf16 or no (fp16's loss scaler checks for overflow on the host every step)",
+         mp == "fp16"),
+        ("train.compile=false (compile_mode=reduce-overhead makes its own graphs)", t.compile),
+    ) if bad]
+    if why:
+        raise UserError(f"config: train.cuda_graphs=true needs {'; and '.join(why)}")
+
+
 def unfreeze(accelerator, net):
     """Train the backbone from now on, correctly under DDP.
 
@@ -343,6 +368,7 @@ def _train(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) 
     main_proc = accelerator.is_main_process
     if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
         host_memory.keep_freed_memory()
+    check_cuda_graphs(cfg, accelerator, mp)
 
     def log(msg: str) -> None:
         if main_proc:
@@ -390,6 +416,10 @@ def _train(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) 
         if len(ranks) == accelerator.num_processes:
             set_rng_state(ranks[accelerator.process_index])
     net, optimizer = accelerator.prepare(net, optimizer)
+    graphed = None
+    if cfg.train.cuda_graphs:  # (checked at start-up)
+        graphed = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
+                              capture=accelerator.device.type == "cuda")
     ctx = StepContext(cfg.data.mean, cfg.data.std, cfg.model.channels_last, frozen, cfg.model.frozen_bn,
                       cfg.train.grad_accum_steps)
     base_meta = {
@@ -428,10 +458,14 @@ def _train(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) 
             g["lr"] = lr
         d.train_sampler.set_epoch(epoch)
         tr = train_one_epoch(accelerator, net, optimizer, d.train_loader, d.train_sampler, ctx, epoch,
-                             should_stop=lambda: stop.check(accelerator))
+                             should_stop=lambda: stop.check(accelerator), graphed=graphed)
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
+        if graphed is not None and graphed.failed:
+            log(f"warning: train.cuda_graphs: capturing the train step failed, training goes on without "
+                f"graphs: {graphed.failed}")
+            graphed = None
         share_buffers(accelerator, net)
         va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch, head_inputs)
         digest = assert_ranks_in_sync(accelerator, net, epoch)

@@ -1,0 +1,103 @@
+"""train.cuda_graphs: the graph path's bookkeeping, run on the CPU (GraphedStep without capture).
+
+A CUDA graph replays what it recorded. What these tests pin down is everything around the
+recording: inputs copied into fixed buffers, the loss scale, the metric sums, warm-up before
+capture, a new capture when learning rates or trainable layers change, eager steps for a batch of
+another size. The capture itself needs a GPU (benchmarks/gpu_suite.py runs it there).
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tl_dist import engine, train
+
+from .conftest import FAST, ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(out, data_dir, *over):
+    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
+                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
+
+
+@pytest.fixture
+def count_graph_steps(monkeypatch):
+    monkeypatch.setattr(train, "can_capture", lambda device: True)
+    calls = []
+    real = engine.GraphedStep.step
+
+    def step(self, *a):
+        calls.append(self.captures)
+        return real(self, *a)
+    monkeypatch.setattr(engine.GraphedStep, "step", step)
+    return calls
+
+
+@pytest.mark.parametrize("mode, graph_steps", [
+    # a new learning rate every epoch: each epoch warms up (3 eager steps), captures, replays
+    (["model.mode=finetune", "scheduler.step_size=1"], [0, 1, 1, 2, 2, 3]),
+    # frozen epoch 0; the backbone trains from epoch 1 (a new capture); epoch 2 replays from its first step
+    (["model.mode=frozen_then_finetune", "model.unfreeze_epoch=1"], [0, 1, 1, 2, 2, 2, 2, 2, 2]),
+], ids=["finetune, new lr every epoch", "frozen then finetune"])
+def test_graph_path_trains_exactly_like_the_eager_path(tiny_data, tmp_path, count_graph_steps, mode, graph_steps):
+    """22 train images at batch 4: 5 full batches and a short one (always eager) per epoch. The
+    weights and metrics must come out bit for bit as without graphs (fp32, CPU). ``graph_steps``:
+    the number of captures so far at each step that went through the graph path."""
+    assert _run(tmp_path / "eager", tiny_data, "train.epochs=3", *mode) == 0
+    assert count_graph_steps == []
+    assert _run(tmp_path / "graph", tiny_data, "train.epochs=3", "train.cuda_graphs=true", *mode) == 0
+    assert count_graph_steps == graph_steps
+    a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("eager", "graph"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("eager", "graph")]
+    for key in ("train_loss", "train_acc", "train_samples", "val_loss", "val_acc"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+
+
+def test_a_missed_recapture_is_caught():
+    """The CPU stand-in checks that nothing a graph bakes in changed under the same key."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = engine.GraphedStep(opt, torch.device("cpu"), None, warmup=1, capture=False)
+    g.begin_epoch(net, ("key",))
+    x, y, w = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]), torch.ones(4)
+    assert not g.can_replay(4)  # no momentum buffers yet: a graph would bake in their creation
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    g.eager_done()
+    assert g.can_replay(4)
+    g.step(x, y, w, 0.25)
+    assert g.captures == 1 and g.sums[2].item() == 4.0
+    assert not g.can_replay(3)  # a batch of another size runs eagerly
+    opt.param_groups[0]["lr"] = 0.01  # changed without a new key
+    with pytest.raises(RuntimeError, match="changed under the same key"):
+        g.step(x, y, w, 0.25)
+
+
+def test_cuda_graphs_needs_what_it_needs(tiny_data, tmp_path, capsys, monkeypatch):
+    assert _run(tmp_path / "a", tiny_data, "train.cuda_graphs=true") == 2
+    assert "train.cuda_graphs=true needs a CUDA GPU (this run is on cpu)" in capsys.readouterr().err
+    monkeypatch.setattr(train, "can_capture", lambda device: True)
+    assert _run(tmp_path / "b", tiny_data, "train.cuda_graphs=true", "train.grad_accum_steps=2") == 2
+    err = capsys.readouterr().err
+    assert "train.grad_accum_steps=1 (it is 2)" in err and "CUDA GPU" not in err
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "can_capture", lambda device: True)
+
+    def refuse(self, *a):
+        self.opt.zero_grad(set_to_none=True)
+        for p in self.model.parameters():  # what a capture leaves behind: .grad that hold nothing
+            p.grad = torch.full_like(p, float("nan")) if p.requires_grad else None
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(engine.GraphedStep, "_capture", refuse)
+    assert _run(tmp_path / "graph", tiny_data, "train.epochs=2", "train.cuda_graphs=true") == 0
+    out = capsys.readouterr().out
+    assert "warning: train.cuda_graphs: capturing the train step failed" in out and "not permitted" in out
+    assert _run(tmp_path / "eager", tiny_data, "train.epochs=2") == 0
+    a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("eager", "graph"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
