@@ -35,5 +35,5 @@ def test_freed_memory_is_reused_without_new_page_faults():
         pytest.skip("not glibc: the allocator is left as it is")
     pages = (46 << 20) * 4 // 4096  # the step: 46 Mi floats = 184 MiB, in 4 KiB pages
     plain, kept = faults_per_step("plain"), faults_per_step("keep")
-    assert plain > pages / 2  # glibc's default: most of it is returned and faulted in again
-    assert kept < pages / 10
+    # glibc's default returns much of it (how much varies: 23,000-37,000 faults measured), kept: ~2,000
+    assert kept < pages / 10 and kept < plain / 4
