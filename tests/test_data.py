@@ -140,7 +140,9 @@ def test_device_path_matches_the_pil_path(tiny_data):
             assert x[0].dtype == y[0].dtype == torch.uint8 and x[0].shape == y[0].shape
     train_ram, train_dev = (torch.cat([b[0] for b in out[c][0]]).float() for c in ("ram", "device"))
     diff = (train_ram - train_dev).abs()
-    assert diff.mean() < 0.1 and diff.max() <= 2  # of 255 (measured: 0.002, 1); a wrong flip: 30
+    # of 255. Measured: mean 0.083, max 1 (torch's float resampling, as on a GPU, against Pillow's
+    # fixed point; deterministic for this data); a wrong flip gives 30.
+    assert diff.mean() < 0.1 and diff.max() <= 2
     assert torch.equal(torch.cat([b[0] for b in out["ram"][1]]), torch.cat([b[0] for b in out["device"][1]]))
 
 
