@@ -159,3 +159,19 @@ def test_device_crop_resize_flip_close_to_pil():
     assert d.mean() < 0.5 and d.max() <= 2
     unflipped = crop_resize_flip([data.to_uint8_chw(img)], [box], [False], 32)[0]
     assert torch.equal(unflipped.flip(-1), ours)
+
+
+def test_cache_auto_picks_the_fastest_place_that_fits(monkeypatch):
+    """800x600 photos: 1.44 MB decoded each. On a GPU the default budget is half its memory."""
+    train = [(f"t{i}.jpg", 0) for i in range(1000)]  # 1.44 GB decoded
+    sizes = {p: (800, 600) for p, _ in train}
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    place = lambda device, *over: data.cache_place(config.load(None, list(over)).data, train, [], sizes, device)  # noqa: E731
+    monkeypatch.setattr(data, "gpu_memory_bytes", lambda device: 4 * 2**30)
+    assert place(cuda) == "device"  # 1.44 GB within half of 4 GiB
+    assert place(cuda, "data.device_cache_gb=1") == "ram"  # the budget set: not within it; RAM's 4 GiB is
+    monkeypatch.setattr(data, "gpu_memory_bytes", lambda device: 2 * 2**30)
+    assert place(cuda) == "ram"
+    assert place(cuda, "data.device_cache_gb=0", "data.cache_gb=1") == "none"
+    assert place(cpu) == "ram"  # never the device cache on the CPU
+    assert place(cuda, "data.cache=device") == "device"  # as configured

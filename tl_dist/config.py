@@ -42,7 +42,7 @@ class DataConfig:
     # ram: decoded images in host memory, PIL augmentation; device: in the GPU's memory, augmented there
     cache: str = _choice("auto", "ram", "device", "none", default="auto")
     cache_gb: float = 4.0  # host memory budget per process for cache: auto
-    device_cache_gb: float = 16.0  # GPU memory budget per process for cache: auto
+    device_cache_gb: float | None = None  # GPU memory budget per process for cache: auto; null = half the GPU's
     skip_bad_images: bool = False  # true: leave bad files out with a warning instead of stopping
 
 
@@ -109,7 +109,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.eval_batch_size": (lambda v: v >= 0, "0 (auto) or a positive integer"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
     "data.cache_gb": (lambda v: v >= 0, "0 or more"),
-    "data.device_cache_gb": (lambda v: v >= 0, "0 or more"),
+    "data.device_cache_gb": (lambda v: v is None or v >= 0, "0 or more, or null for half the GPU's memory"),
     "data.mean": (lambda v: len(v) == 3, "a list of 3 numbers"),
     "data.std": (lambda v: len(v) == 3 and all(s > 0 for s in v), "a list of 3 positive numbers"),
     "data.scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1"),
