@@ -41,7 +41,9 @@ def count_graph_steps(monkeypatch):
     (["model.mode=finetune", "scheduler.step_size=1"], [0, 1, 1, 2, 2, 3]),
     # frozen epoch 0; the backbone trains from epoch 1 (a new capture); epoch 2 replays from its first step
     (["model.mode=frozen_then_finetune", "model.unfreeze_epoch=1"], [0, 1, 1, 2, 2, 2, 2, 2, 2]),
-], ids=["finetune, new lr every epoch", "frozen then finetune"])
+    # the graph path's own autocast region (no cast cache) against accelerate's
+    (["model.mode=finetune", "train.mixed_precision=bf16"], [0] + [1] * 11),
+], ids=["finetune, new lr every epoch", "frozen then finetune", "bf16"])
 def test_graph_path_trains_exactly_like_the_eager_path(tiny_data, tmp_path, count_graph_steps, mode, graph_steps):
     """22 train images at batch 4: 5 full batches and a short one (always eager) per epoch. The
     weights and metrics must come out bit for bit as without graphs (fp32, CPU). ``graph_steps``:

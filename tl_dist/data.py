@@ -306,7 +306,7 @@ def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, 
     need = decoded_bytes(known) * len(train) / len(known) + len(val) * 3 * cfg.image_size ** 2
     if device.type == "cuda":
         # By default half the GPU's memory (the other half for the model's training): an H200
-        # holds 64,000 decoded photo-sized images, a 24 GB card 8,000 with room to train.
+        # holds 64,000 decoded photo-sized images (0.7 MB each: 45 GB), a 24 GB card 8,000.
         budget = cfg.device_cache_gb * 2**30 if cfg.device_cache_gb is not None else gpu_memory_bytes(device) / 2
         if need <= budget:
             return "device"
