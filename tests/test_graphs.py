@@ -103,3 +103,27 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_data, tmp_path, capsys,
     assert _run(tmp_path / "eager", tiny_data, "train.epochs=2") == 0
     a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("eager", "graph"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_replay_that_disagrees_with_the_eager_step_turns_graphs_off(tiny_data, tmp_path, capsys, monkeypatch):
+    """Each capture's first replay is checked against the same step run eagerly; a graph that
+    computes something else (here: a replay that also moves one weight) is dropped, the eager
+    result kept, and the run says so."""
+    monkeypatch.setattr(train, "can_capture", lambda device: True)
+    assert _run(tmp_path / "eager", tiny_data, "train.epochs=2") == 0
+    assert _run(tmp_path / "graph", tiny_data, "train.epochs=2", "train.cuda_graphs=true") == 0
+    assert "warning" not in capsys.readouterr().out  # an honest replay passes the check
+    real = engine.GraphedStep._replay
+
+    def wrong(self):
+        real(self)
+        with torch.no_grad():
+            self.model.fc.bias.add_(1e-3)
+    monkeypatch.setattr(engine.GraphedStep, "_replay", wrong)
+    assert _run(tmp_path / "wrong", tiny_data, "train.epochs=2", "train.cuda_graphs=true") == 0
+    out = capsys.readouterr().out
+    assert "warning: train.cuda_graphs: the captured train step changed fc.bias other than the same step run " \
+           "eagerly; training goes on without graphs" in out
+    for n in ("graph", "wrong"):
+        a, b = (load_file(str(tmp_path / m / "last.safetensors")) for m in ("eager", n))
+        assert all(torch.equal(a[k], b[k]) for k in a), n

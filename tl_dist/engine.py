@@ -90,6 +90,10 @@ class GraphedStep:
     scaler checks for overflow on the host), an optimizer whose step never waits for the host.
     If a capture fails all the same (an operation that cannot be captured), nothing was executed
     by it: the step runs eagerly, ``failed`` says why, and the run goes on without graphs.
+    The first replay of every capture is checked: the same step is run again eagerly from the
+    same state and inputs, and every parameter's, buffer's and momentum's change must agree
+    (within 1%, for kernels that sum in another order); the eager result is kept. If they
+    disagree, ``failed`` says where and the run goes on without graphs.
     ``capture=False`` (no CUDA) runs the same buffers and bookkeeping eagerly, and checks on every
     step that nothing a graph would have baked in has changed: the logic is tested on the CPU.
     """
@@ -131,28 +135,65 @@ class GraphedStep:
     def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> bool:
         """One train step through the graph (captured first if needed). False: the capture failed
         and nothing was done; the caller runs this step eagerly."""
-        if self._static is None:
+        fresh = self._static is None
+        if fresh:
             try:
                 self._capture(x, y, w)
             except RuntimeError as e:
-                self.failed = " ".join(str(e).split())[:300]
-                self._graph = self._static = None
-                self.opt.zero_grad(set_to_none=True)  # .grad set while capturing hold nothing
+                self._give_up(f"capturing the train step failed: {' '.join(str(e).split())[:300]}")
                 return False
         sx, sy, sw, ss = self._static
         sx.copy_(x)
         sy.copy_(y)
         sw.copy_(w)
         ss.fill_(scale)
+        if fresh:
+            self._checked_replay()
+        else:
+            self._replay()
+        return True
+
+    def _replay(self) -> None:
         if self._graph is not None:
             self._graph.replay()
-            return True
+            return
         if self._bake() != self._baked:
             raise RuntimeError("GraphedStep: learning rates, trainable parameters or layer modes changed "
                                "under the same key; a CUDA graph would have replayed stale ones")
         self.opt.zero_grad(set_to_none=True)  # a replay writes the gradients; an eager backward would add
-        self._body(sx, sy, sw, ss)
-        return True
+        self._body(*self._static)
+
+    def _checked_replay(self) -> None:
+        """A capture's first replay, against the same step run eagerly; the eager result is kept."""
+        before = self._state()
+        self._replay()
+        replayed = self._state()
+        with torch.no_grad():
+            for (_, t), (_, b) in zip(self._live(), before):
+                t.copy_(b)
+        self.opt.zero_grad(set_to_none=True)
+        self._body(*self._static)
+        self.opt.zero_grad(set_to_none=True)
+        off = [name for (name, b), (_, r), (_, e) in zip(before, replayed, self._state())
+               if not _same_change(b, r, e)]
+        if off:
+            self._give_up(f"the captured train step changed {', '.join(off[:3])}{' ...' if len(off) > 3 else ''} "
+                          f"other than the same step run eagerly")
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        self._graph = self._static = None
+        self.opt.zero_grad(set_to_none=True)  # .grad may be the graph's buffers
+
+    def _live(self) -> list[tuple[str, torch.Tensor]]:
+        """Everything a train step changes: trainable weights, buffers, momentum, the metric sums."""
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        momentum = [(f"momentum of {n}", self.opt.state[p]["momentum_buffer"]) for n, p in params
+                    if self.opt.state.get(p, {}).get("momentum_buffer") is not None]
+        return params + list(self.model.named_buffers()) + momentum + [("metric sums", self.sums)]
+
+    def _state(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, t.detach().clone()) for n, t in self._live()]
 
     def _state_ready(self) -> bool:
         return all(self.opt.state.get(p, {}).get("momentum_buffer") is not None
@@ -188,6 +229,12 @@ class GraphedStep:
             self._graph = graph
         self._static, self._baked = static, self._bake()
         self.captures += 1
+
+
+def _same_change(before: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rtol: float = 0.01) -> bool:
+    """Whether ``a`` and ``b`` moved away from ``before`` alike (relative to the move's size)."""
+    da, db = (a.double() - before.double()), (b.double() - before.double())
+    return bool(torch.linalg.vector_norm(da - db) <= rtol * torch.linalg.vector_norm(db) + 1e-12)
 
 
 def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSampler, ctx: StepContext,

@@ -463,8 +463,7 @@ def _train(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) 
             interrupted = stop.signum or signal.SIGTERM
             break
         if graphed is not None and graphed.failed:
-            log(f"warning: train.cuda_graphs: capturing the train step failed, training goes on without "
-                f"graphs: {graphed.failed}")
+            log(f"warning: train.cuda_graphs: {graphed.failed}; training goes on without graphs")
             graphed = None
         share_buffers(accelerator, net)
         va = evaluate(accelerator, net, d.val_loader, ctx, len(classes), epoch, head_inputs)
