@@ -111,6 +111,7 @@ class GraphedStep:
         self._graph = None
         self._static: tuple[torch.Tensor, ...] | None = None  # x, y, w, loss scale
         self._baked: tuple | None = None
+        self._stream = torch.cuda.Stream(device) if capture else None  # warm-up and capture run here
 
     def begin_epoch(self, model: torch.nn.Module, key: tuple) -> None:
         self.sums.zero_()
@@ -124,6 +125,14 @@ class GraphedStep:
         if self._static is not None:
             return self._static[0].shape[0] == batch_size
         return self._eager >= self.warmup and self._state_ready()
+
+    def warming(self):
+        """The context for an eager step. Before a capture it runs on the stream the capture will
+        use, as PyTorch's whole-network example does: libraries set up per-stream state (cuBLAS
+        workspaces, handles) on first use, and that must not happen while capturing."""
+        if self._stream is None or self._static is not None:
+            return contextlib.nullcontext()
+        return _on_stream(self._stream)
 
     def before_eager(self) -> None:
         if self._static is not None:  # the parameters' .grad are the graph's buffers: start afresh
@@ -224,11 +233,21 @@ class GraphedStep:
         if self.capture:
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads (pin-memory, checkpoint writer) may use CUDA meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 self._body(*static)
             self._graph = graph
         self._static, self._baked = static, self._bake()
         self.captures += 1
+
+
+@contextlib.contextmanager
+def _on_stream(stream):
+    """Run the block on ``stream``, ordered after what came before it and before what follows."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
 
 
 def _same_change(before: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rtol: float = 0.01) -> bool:
@@ -273,20 +292,21 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
                 graphed.before_eager()
             # Inside a window DDP skips the all-reduce (no_sync); the window's last step syncs, and
             # only then do the prepared optimizer's step() and zero_grad() act.
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = model(x)
-                per_sample = F.cross_entropy(out.float(), y, reduction="none")
-                # backward() divides by k; this loss is already the window's exact share, so undo that.
-                loss = (per_sample * w).sum() * (world * k / denom)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            with graphed.warming() if graphed is not None else contextlib.nullcontext():
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = model(x)
+                    per_sample = F.cross_entropy(out.float(), y, reduction="none")
+                    # backward() divides by k; this loss is already the window's exact share, so undo that.
+                    loss = (per_sample * w).sum() * (world * k / denom)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    loss_sum += (per_sample.detach() * w).sum()
+                    correct += ((out.argmax(1) == y).float() * w).sum()
+                    count += w.sum()
             boundary = accelerator.sync_gradients
-            with torch.no_grad():
-                loss_sum += (per_sample.detach() * w).sum()
-                correct += ((out.argmax(1) == y).float() * w).sum()
-                count += w.sum()
             if graphed is not None:
                 graphed.eager_done()
         bar.update(1)
