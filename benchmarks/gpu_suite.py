@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/gpu_suite.py --bench PATH/TO/shared/bench [--work /tmp/tl_gpu]
     PYTHONPATH=. python benchmarks/gpu_suite.py --bench ... --smoke   # tiny sizes, any machine: checks the script
+    --part seed | scale runs one half (each fits one 10-minute device call); --no-compile drops the compile rows
 
 2. the seed's workload (hymenoptera-shaped, 25 epochs, both modes): the seed's code against tl_dist
    with the seed's hyperparameters (batch 4, lr 0.001: eager, the whole step as one CUDA graph,
@@ -117,6 +118,9 @@ def main() -> None:
     p.add_argument("--bench", required=True, type=Path, help="the shared bench folder (make_data.py, seed_baseline.py)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tl_gpu"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes and epochs, to check the script on any machine")
+    p.add_argument("--part", choices=("all", "seed", "scale"), default="all",
+                   help="seed: target 2 only; scale: targets 3-4 only (each fits one 10-minute device call)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (minutes of compiling)")
     a = p.parse_args()
     import torch
     if not torch.cuda.is_available() and not a.smoke:
@@ -126,7 +130,16 @@ def main() -> None:
     sizes = (40, 80, 8) if a.smoke else (1000, 8000, 8)  # 1k, 8k, and 8k x 8 = 64k
     t_start = time.perf_counter()
 
-    # ---- target 2: the seed's workload
+    if a.part in ("all", "seed"):
+        seed_workload(a, epochs)
+    if a.part in ("all", "scale"):
+        scale(a, scale_epochs, sizes)
+    print(f"suite time {time.perf_counter() - t_start:.0f}s; GPU: "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (smoke)'}", flush=True)
+
+
+def seed_workload(a: argparse.Namespace, epochs: int) -> None:
+    """Target 2: the seed's code and tl_dist on the seed's workload."""
     hym = a.work / "hym"
     if not (hym / "val").exists():
         subprocess.run([sys.executable, str(a.bench / "make_data.py"), str(hym)], check=True)
@@ -145,8 +158,10 @@ def main() -> None:
                 ("batch 4, whole step as a CUDA graph", ("train.cuda_graphs=true",)),
                 ("batch 4, compiled, CUDA graphs", ("train.compile=true", "train.compile_mode=reduce-overhead")),
                 ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008")))):
-            if a.smoke and ("train.compile=true" in over or "train.cuda_graphs=true" in over):
-                continue  # minutes of compiling on a small CPU; graphs need CUDA
+            if (a.smoke or a.no_compile) and "train.compile=true" in over:
+                continue  # minutes of compiling (on a small CPU, many)
+            if a.smoke and "train.cuda_graphs=true" in over:
+                continue  # needs CUDA
             try:
                 r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
                             f"train.epochs={epochs}", *over)
@@ -160,7 +175,10 @@ def main() -> None:
                          "warnings": r["warnings"]})
     print(f"\n### Target 2: the seed's workload, {epochs} epochs, weights none\n\n{table(rows)}\n", flush=True)
 
-    # ---- targets 3 and 4: scale
+
+
+def scale(a: argparse.Namespace, scale_epochs: int, sizes: tuple[int, int, int]) -> None:
+    """Targets 3 and 4: finetune at batch 256 from JPEG files, 1k / 8k / 64k images."""
     parts = 2 if a.smoke else 16
     k8 = make_set(a.bench, a.work / "k8", sizes[1], 200 if not a.smoke else 10, parts)
     k1 = subset(k8, a.work / "k1", sizes[0])
@@ -180,8 +198,7 @@ def main() -> None:
                      "peak host MB": r["peak host MB"], "peak GPU MB": r["peak GPU MB"], "data path": r["data path"],
                      "precision": r["precision"]})
     print(f"### Targets 3-4: finetune, batch 256, from JPEG files, {scale_epochs} epochs (img/s: epochs 2+)\n\n"
-          f"{table(rows)}\n\nsuite time {time.perf_counter() - t_start:.0f}s; GPU: "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (smoke)'}", flush=True)
+          f"{table(rows)}\n", flush=True)
 
 
 if __name__ == "__main__":
