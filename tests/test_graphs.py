@@ -67,9 +67,9 @@ def test_a_missed_recapture_is_caught():
     g.begin_epoch(net, ("key",))
     x, y, w = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]), torch.ones(4)
     assert not g.can_replay(4)  # no momentum buffers yet: a graph would bake in their creation
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    opt.step()
-    g.eager_done()
+    with g.eager():
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
     assert g.can_replay(4)
     g.step(x, y, w, 0.25)
     assert g.captures == 1 and g.sums[2].item() == 4.0

@@ -84,7 +84,7 @@ class GraphedStep:
       eager steps under the key and for every buffer to exist;
     - the batch size: a batch of another size (a short last batch) runs eagerly.
     Each replay writes the gradients (there were none when it was captured) rather than adding to
-    them; an eager step in between drops them first (``before_eager``).
+    them; an eager step in between drops them first (``eager``).
 
     Conditions, checked by the caller: one process, no accumulation, bf16 or fp32 (fp16's loss
     scaler checks for overflow on the host), an optimizer whose step never waits for the host.
@@ -126,19 +126,17 @@ class GraphedStep:
             return self._static[0].shape[0] == batch_size
         return self._eager >= self.warmup and self._state_ready()
 
-    def warming(self):
-        """The context for an eager step. Before a capture it runs on the stream the capture will
-        use, as PyTorch's whole-network example does: libraries set up per-stream state (cuBLAS
-        workspaces, handles) on first use, and that must not happen while capturing."""
-        if self._stream is None or self._static is not None:
-            return contextlib.nullcontext()
-        return _on_stream(self._stream)
-
-    def before_eager(self) -> None:
+    @contextlib.contextmanager
+    def eager(self):
+        """The context for a step the caller runs eagerly (warm-up, or a batch of another size)."""
         if self._static is not None:  # the parameters' .grad are the graph's buffers: start afresh
             self.opt.zero_grad(set_to_none=True)
-
-    def eager_done(self) -> None:
+        # Before a capture, warm up on the stream the capture will use, as PyTorch's whole-network
+        # example does: libraries set up per-stream state (cuBLAS workspaces, handles) on first
+        # use, and that must not happen while capturing.
+        warming = self._stream is not None and self._static is None
+        with _on_stream(self._stream) if warming else contextlib.nullcontext():
+            yield
         self._eager += 1
 
     def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> bool:
@@ -222,9 +220,7 @@ class GraphedStep:
         per_sample = F.cross_entropy(out.float(), y, reduction="none")
         ((per_sample * w).sum() * scale).backward()
         self.opt.step()
-        with torch.no_grad():
-            self.sums += torch.stack([(per_sample.detach() * w).sum(), ((out.argmax(1) == y).float() * w).sum(),
-                                      w.sum()]).double()
+        self.sums += _step_sums(per_sample, out, y, w)
 
     def _capture(self, x, y, w) -> None:
         static = (torch.empty_like(x), torch.empty_like(y), torch.empty_like(w),
@@ -250,6 +246,12 @@ def _on_stream(stream):
     current.wait_stream(stream)
 
 
+@torch.no_grad()
+def _step_sums(per_sample: torch.Tensor, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A train step's (weighted loss, correct, count) sums; padding has weight 0."""
+    return torch.stack([(per_sample * w).sum(), ((out.argmax(1) == y).float() * w).sum(), w.sum()]).double()
+
+
 def _same_change(before: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rtol: float = 0.01) -> bool:
     """Whether ``a`` and ``b`` moved away from ``before`` alike (relative to the move's size)."""
     da, db = (a.double() - before.double()), (b.double() - before.double())
@@ -267,9 +269,7 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
                                     ctx.frozen_bn))
     world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
     dev = accelerator.device
-    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-    correct = torch.zeros((), device=dev, dtype=torch.float64)
-    count = torch.zeros((), device=dev, dtype=torch.float64)
+    sums = torch.zeros(3, device=dev, dtype=torch.float64)  # weighted loss, correct, count
     bad: list[int] = []
     stopped = False
     bar = tqdm(total=n_steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
@@ -288,11 +288,9 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
         if graphed is not None and graphed.can_replay(len(y)) and graphed.step(x, y, w, world * k / denom):
             boundary = True
         else:
-            if graphed is not None:
-                graphed.before_eager()
             # Inside a window DDP skips the all-reduce (no_sync); the window's last step syncs, and
             # only then do the prepared optimizer's step() and zero_grad() act.
-            with graphed.warming() if graphed is not None else contextlib.nullcontext():
+            with graphed.eager() if graphed is not None else contextlib.nullcontext():
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         out = model(x)
@@ -302,24 +300,19 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler: TrainBatchSa
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    loss_sum += (per_sample.detach() * w).sum()
-                    correct += ((out.argmax(1) == y).float() * w).sum()
-                    count += w.sum()
+                sums += _step_sums(per_sample, out, y, w)
             boundary = accelerator.sync_gradients
-            if graphed is not None:
-                graphed.eager_done()
         bar.update(1)
         if boundary and should_stop():
             stopped = True
             break
     bar.close()
     if graphed is not None:
-        loss_sum, correct, count = loss_sum + graphed.sums[0], correct + graphed.sums[1], count + graphed.sums[2]
-    loss_sum, correct, count = _reduce_sum(accelerator, [loss_sum, correct, count])
-    n = max(1.0, count.item())
-    return EpochResult(loss_sum.item() / n, correct.item() / n, int(count.item()),
-                       time.perf_counter() - t0, _gather_bad(accelerator, bad), stopped)
+        sums += graphed.sums
+    loss_sum, correct, count = _reduce_sum(accelerator, [sums])[0].tolist()
+    n = max(1.0, count)
+    return EpochResult(loss_sum / n, correct / n, int(count), time.perf_counter() - t0,
+                       _gather_bad(accelerator, bad), stopped)
 
 
 def share_buffers(accelerator, model) -> None:
