@@ -348,14 +348,15 @@ def write_in_background() -> bool:
     return torch.cuda.is_available()
 
 
-def save_epoch(out: Path, weights: dict, meta: dict, is_best: bool, history: list[dict], state: dict) -> None:
-    """An epoch's files (rank 0, on the writer's thread), in an order that leaves the run resumable
-    at every moment: weights, metrics, then the resume state, which only ever points at complete files."""
+def save_epoch(out: Path, meta: dict, is_best: bool, state: dict) -> None:
+    """An epoch's files (rank 0, on the writer's thread) from its resume state, in an order that
+    leaves the run resumable at every moment: weights, metrics, then the resume state, which only
+    ever points at complete files."""
     try:
-        checkpoint.save_weights(out / "last.safetensors", weights, {**meta, "kind": "last"})
+        checkpoint.save_weights(out / "last.safetensors", state["model"], {**meta, "kind": "last"})
         if is_best:
-            checkpoint.save_weights(out / "best.safetensors", weights, {**meta, "kind": "best"})
-        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            checkpoint.save_weights(out / "best.safetensors", state["model"], {**meta, "kind": "best"})
+        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         checkpoint.save_state(out / "resume.pt", state)
     except OSError as e:
         raise UserError(f"checkpoint: writing epoch {meta['epoch']}'s files in {out} failed: {e}. The files of "
@@ -484,17 +485,14 @@ def _train(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) 
             row["weights_digest"] = digest
         history.append(row)
         is_best = va.acc > best_acc
-        weights = accelerator.unwrap_model(net).state_dict()
+        # A CPU copy, taken now: kept as the best, and written while the next epoch trains.
+        weights = checkpoint.snapshot(accelerator.unwrap_model(net).state_dict()) if is_best or main_proc else None
         if is_best:
-            best_acc, best_epoch = va.acc, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
-            best_cm = va.confusion
+            best_acc, best_epoch, best_state, best_cm = va.acc, epoch, weights, va.confusion
         rngs = gather_rng(accelerator)
         if main_proc:
             meta = {**base_meta, "epoch": epoch, "val_acc": va.acc, "val_loss": va.loss}
-            # Copies taken now; the files are written while the next epoch trains.
-            weights = checkpoint.snapshot(weights)
-            writer.submit(functools.partial(save_epoch, out, weights, meta, is_best, list(history), {
+            writer.submit(functools.partial(save_epoch, out, meta, is_best, {
                 "epoch": epoch, "best_val_acc": best_acc, "best_epoch": best_epoch, "history": list(history),
                 "model": weights, "optimizer": checkpoint.snapshot(optimizer.state_dict()), "rng": rngs,
                 "best_model": best_state, "best_confusion": best_cm,
