@@ -16,7 +16,8 @@ class BadImage(Exception):
     """A file that cannot be used as an image; the message names the file and why."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB, for files and for images handed in directly."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: convert("RGB") would clip everything above 255 to white.
         img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
@@ -57,7 +58,7 @@ def load_rgb(path: str) -> Image.Image:
         try:
             img = ImageOps.exif_transpose(img)
             img.load()
-            return _to_rgb(img)
+            return to_rgb(img)
         except (OSError, SyntaxError, ValueError) as e:
             raise BadImage(f"{path}: cannot decode: {e}") from None
 

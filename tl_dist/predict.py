@@ -53,9 +53,9 @@ class Predictor:
         from PIL import Image
 
         from .data import eval_transform
-        from .images import load_rgb
+        from .images import load_rgb, to_rgb
 
-        img = item.convert("RGB") if isinstance(item, Image.Image) else load_rgb(str(item))
+        img = to_rgb(item) if isinstance(item, Image.Image) else load_rgb(str(item))
         return eval_transform(img, self.meta["resize_size"], self.meta["image_size"])
 
     def predict(self, items: Iterable, topk: int | None = None, batch_size: int = 32) -> list[dict]:
