@@ -83,8 +83,8 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load every tensor but the classifier; the classifier is new (its class count differs)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
+    state = {k: v for k, v in state.items() if not in_head(k)}
+    own = {k: v for k, v in model.state_dict().items() if not in_head(k)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
@@ -93,6 +93,11 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
                            for n, v in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)) if v)
         raise UserError(f"model: weights from {source} do not fit this model.arch ({detail})")
     model.load_state_dict(state, strict=False)
+
+
+def in_head(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to the new classifier."""
+    return name.startswith(HEAD + ".")
 
 
 def frozen_at(cfg: ModelConfig, epoch: int) -> bool:
@@ -104,7 +109,7 @@ def head_and_backbone(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     """The parameters of the new classifier, and all the others (two learning rates)."""
     head, backbone = [], []
     for name, p in model.named_parameters():
-        (head if name.startswith(HEAD + ".") else backbone).append(p)
+        (head if in_head(name) else backbone).append(p)
     return head, backbone
 
 
@@ -112,7 +117,7 @@ def set_frozen(model: nn.Module, frozen: bool) -> None:
     """Frozen: only the head trains. DDP registers the parameters that require grad when it wraps
     the model, so changing this afterwards needs a new wrapper (the training loop does that)."""
     for name, p in model.named_parameters():
-        p.requires_grad = (not frozen) or name.startswith(HEAD + ".")
+        p.requires_grad = (not frozen) or in_head(name)
 
 
 def set_train_mode(model: nn.Module, training: bool, frozen: bool, frozen_bn: str) -> None:
