@@ -1,6 +1,11 @@
 import hashlib
 
+import pytest
+
 from tl_dist import data, demo
+from tl_dist.errors import UserError
+
+from .conftest import run_cli
 
 
 def _digest(root):
@@ -18,3 +23,37 @@ def test_demo_set_is_seed_shaped_and_deterministic(tmp_path):
     assert _digest(a) == _digest(b)
     assert demo.generate(a) == a and _digest(a) == _digest(b)  # present: not generated again
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_demo_never_touches_a_folder_it_did_not_create(tmp_path):
+    user = tmp_path / "my_dataset"
+    (user / "train" / "cats").mkdir(parents=True)
+    photo = user / "train" / "cats" / "tom.jpg"
+    photo.write_bytes(b"precious")
+    with pytest.raises(UserError, match="already holds files that are not tl_dist's demo set"):
+        demo.generate(user, n_train=4, n_val=2)
+    assert photo.read_bytes() == b"precious" and sorted(p.name for p in user.rglob("*")) == ["cats", "tom.jpg", "train"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written left beside it
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match="is not a folder"):
+        demo.generate(a_file, n_train=4, n_val=2)
+    assert a_file.read_text() == "mine"
+
+
+def test_demo_fills_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    root = demo.generate(tmp_path / "empty", n_train=4, n_val=2)
+    assert (root / demo.MARKER).exists() and len(list(root.rglob("*.jpg"))) == 6
+
+
+def test_demo_config_pointed_at_a_real_data_set_refuses_and_keeps_it(tmp_path):
+    user = tmp_path / "real"
+    (user / "val" / "dogs").mkdir(parents=True)
+    (user / "val" / "dogs" / "rex.jpg").write_bytes(b"precious")
+    r = run_cli("-m", "tl_dist.train", "--config", "configs/demo.yaml", f"data.root={user}",
+                f"train.output_dir={tmp_path / 'out'}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and str(user) in r.stderr and "data.demo=false" in r.stderr
+    assert (user / "val" / "dogs" / "rex.jpg").read_bytes() == b"precious"
+    assert [p.name for p in user.iterdir()] == ["val"]
