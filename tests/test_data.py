@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from tl_dist import config, data
+from tl_dist import augment, config, data
 from tl_dist.errors import UserError
 
 from .conftest import make_images
@@ -61,18 +61,18 @@ def test_eval_transform_matches_seed_pipeline(tiny_data):
     img = Image.open(path).convert("RGB")
     seed_tf = transforms.Compose([transforms.Resize(36), transforms.CenterCrop(32), transforms.ToTensor(),
                                   transforms.Normalize(config.IMAGENET_MEAN, config.IMAGENET_STD)])
-    ours = data.normalize(data.eval_transform(img, 36, 32)[None], config.IMAGENET_MEAN, config.IMAGENET_STD, False)
+    ours = augment.normalize(augment.eval_transform(img, 36, 32)[None], config.IMAGENET_MEAN, config.IMAGENET_STD, False)
     torch.testing.assert_close(ours[0], seed_tf(img), atol=1e-5, rtol=0)
 
 
 def test_train_transform_is_seed_crop_with_per_sample_draws(tiny_data):
     cfg = config.load(None, ["data.image_size=32"]).data
     img = Image.open(next((tiny_data / "train" / "bees").iterdir())).convert("RGB")
-    a = data.train_transform(img, data.sample_rng(0, 1, 5), cfg)
-    assert torch.equal(a, data.train_transform(img, data.sample_rng(0, 1, 5), cfg))  # same key, same draw
-    assert not torch.equal(a, data.train_transform(img, data.sample_rng(0, 2, 5), cfg))
+    a = augment.train_transform(img, augment.sample_rng(0, 1, 5), cfg)
+    assert torch.equal(a, augment.train_transform(img, augment.sample_rng(0, 1, 5), cfg))  # same key, same draw
+    assert not torch.equal(a, augment.train_transform(img, augment.sample_rng(0, 2, 5), cfg))
     # The same crop parameters through torchvision's own functional path give the same pixels.
-    i, j, h, w = data.rrc_params(data.sample_rng(0, 1, 5), img.width, img.height, cfg.scale, cfg.ratio)
+    i, j, h, w = augment.rrc_params(augment.sample_rng(0, 1, 5), img.width, img.height, cfg.scale, cfg.ratio)
     ref = transforms.functional.resized_crop(img, i, j, h, w, [32, 32])
     ref_flipped = transforms.functional.hflip(ref)
     got = a.permute(1, 2, 0).numpy()
@@ -85,7 +85,7 @@ def test_rrc_params_have_torchvisions_distribution():
     torch.manual_seed(0)
     ours, ref = [], []
     for k in range(3000):
-        i, j, h, w = data.rrc_params(data.sample_rng(0, 0, k), 400, 300, [0.08, 1.0], [3 / 4, 4 / 3])
+        i, j, h, w = augment.rrc_params(augment.sample_rng(0, 0, k), 400, 300, [0.08, 1.0], [3 / 4, 4 / 3])
         assert 0 <= i <= 300 - h and 0 <= j <= 400 - w
         ours.append((h * w / 120000, w / h, (j + w / 2) / 400))
         _, _, h, w = transforms.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
@@ -152,12 +152,12 @@ def test_device_crop_resize_flip_close_to_pil():
     arr = (rng.random((90, 120, 3)) * 40 + np.linspace(0, 200, 120)[None, :, None]).astype(np.uint8)
     img = Image.fromarray(arr)
     box = (10, 20, 60, 80)  # top, left, height, width
-    ref = data.to_uint8_chw(transforms.functional.hflip(transforms.functional.resized_crop(
+    ref = augment.to_uint8_chw(transforms.functional.hflip(transforms.functional.resized_crop(
         img, *box, [32, 32], antialias=True)))
-    ours = crop_resize_flip([data.to_uint8_chw(img)], [box], [True], 32)[0]
+    ours = crop_resize_flip([augment.to_uint8_chw(img)], [box], [True], 32)[0]
     d = (ref.float() - ours.float()).abs()
     assert d.mean() < 0.5 and d.max() <= 2
-    unflipped = crop_resize_flip([data.to_uint8_chw(img)], [box], [False], 32)[0]
+    unflipped = crop_resize_flip([augment.to_uint8_chw(img)], [box], [False], 32)[0]
     assert torch.equal(unflipped.flip(-1), ours)
 
 
@@ -175,3 +175,20 @@ def test_cache_auto_picks_the_fastest_place_that_fits(monkeypatch):
     assert place(cuda, "data.device_cache_gb=0", "data.cache_gb=1") == "none"
     assert place(cpu) == "ram"  # never the device cache on the CPU
     assert place(cuda, "data.cache=device") == "device"  # as configured
+
+
+def test_a_symlink_loop_in_the_data_tree_is_named_not_followed_forever(tmp_path):
+    root = make_images(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    (root / "train" / "cat" / "loop").symlink_to("..")
+    with pytest.raises(UserError, match=r"symbolic link loop: .*through the link .*train/cat/loop\)"):
+        data.list_splits(str(root))
+
+
+def test_linked_folders_are_followed_by_training_and_prediction_alike(tmp_path):
+    from tl_dist.predict import expand
+    root = make_images(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    extra = make_images(tmp_path / "extra", {"more": {"cat": 3}})
+    (root / "train" / "cat" / "linked").symlink_to(extra / "more" / "cat")
+    _, train, _ = data.list_splits(str(root))
+    listed = [p for p, _ in train if p.startswith(str(root / "train" / "cat"))]
+    assert len(listed) == 5 and expand([str(root / "train" / "cat")]) == listed

@@ -1,33 +1,29 @@
-"""ImageFolder splits, the seed's transforms, a decoded-image cache, and world-size-free sampling.
+"""ImageFolder splits, a decoded-image cache, world-size-free sampling, and the loaders.
 
 Two properties make runs reproducible across world sizes and resumable bit for bit:
 - the global sample order of an epoch is a function of (seed, epoch) only, and the global batch of
   step k holds the same samples whether one process takes all of it or W processes a slice each;
-- every augmentation draw is a function of (seed, epoch, sample index) only, so it does not depend
-  on the rank, the world size or the number of loader workers.
-Images leave the loader as uint8 (4x less to copy); normalisation happens on the device, in batch.
+- every augmentation draw is a function of (seed, epoch, sample index) only (see ``augment``), so
+  it does not depend on the rank, the world size or the number of loader workers.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
+from .augment import eval_transform, sample_rng, train_transform
 from .config import DataConfig
 from .errors import UserError
-from .images import IMAGE_EXTENSIONS, BadImage, load_rgb
+from . import device_data
+from .images import IMAGE_EXTENSIONS, BadImage, list_images, load_rgb
 
 Sample = tuple[str, int]  # (path, class index)
 
@@ -43,13 +39,7 @@ def list_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"data: {d} has no class sub-folders (expected {d}/<class>/<image>)")
-    samples: list[Sample] = []
-    for ci, c in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(d / c, followlinks=True):
-            dirnames.sort()
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    samples.append((os.path.join(dirpath, f), ci))
+    samples = [(path, ci) for ci, c in enumerate(classes) for path in list_images(os.path.join(d, c))]
     if not samples:
         raise UserError(f"data: split {d} is empty: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                         f"under its class folders")
@@ -71,77 +61,6 @@ def list_splits(root: str) -> tuple[list[str], list[Sample], list[Sample]]:
     if len(train_classes) < 2:
         raise UserError(f"data: {r}/train has {len(train_classes)} class; a classifier needs at least 2")
     return train_classes, train, val
-
-
-# ----------------------------------------------------------------------------- transforms
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    # str seeds are hashed with SHA-512: stable across processes and Python runs (unlike hash()).
-    return random.Random(f"tl_dist:{seed}:{epoch}:{index}")
-
-
-def rrc_params(rng: random.Random, width: int, height: int, scale: list[float],
-               ratio: list[float]) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, drawing from ``rng`` instead of the global RNG."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = rng.randint(0, height - h)
-            j = rng.randint(0, width - w)
-            return i, j, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def train_draws(rng: random.Random, width: int, height: int,
-                cfg: DataConfig) -> tuple[tuple[int, int, int, int], bool]:
-    """One sample's augmentation draws, in the seed's order: the RandomResizedCrop box (top, left,
-    height, width), then the RandomHorizontalFlip coin. Every data path draws through here."""
-    box = rrc_params(rng, width, height, cfg.scale, cfg.ratio)
-    return box, cfg.hflip and rng.random() < 0.5
-
-
-def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig) -> torch.Tensor:
-    """The seed's RandomResizedCrop + RandomHorizontalFlip, as uint8 CHW (ToTensor/Normalize on device)."""
-    (i, j, h, w), flip = train_draws(rng, img.width, img.height, cfg)
-    out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
-                         interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return to_uint8_chw(F.hflip(out) if flip else out)
-
-
-def eval_transform(img: Image.Image, resize_size: int, image_size: int) -> torch.Tensor:
-    """The seed's val transform: Resize(resize_size) + CenterCrop(image_size), as uint8 CHW."""
-    img = F.resize(img, [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return to_uint8_chw(F.center_crop(img, [image_size, image_size]))
-
-
-@functools.lru_cache(maxsize=8)
-def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device: a fresh tensor each step would be a host-to-GPU copy each step.
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
-
-
-def normalize(x: torch.Tensor, mean: list[float], std: list[float], channels_last: bool) -> torch.Tensor:
-    """uint8 NCHW batch on any device -> float, normalised as ToTensor + Normalize would."""
-    m, s = _mean_std(tuple(mean), tuple(std), x.device)
-    x = (x.float() - m) / s
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -329,9 +248,11 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
     eval_sampler = EvalBatchSampler(len(val), cfg.eval_batch_size or 8 * cfg.batch_size, world, rank)
     if place == "device":
-        from . import device_data
-        return Data(classes, train_ds, val_ds, device_data.train_loader(train_ds, sampler, device, threads),
-                    device_data.eval_loader(val_ds, eval_sampler, device), sampler, place, 0)
+        train_labels, val_labels = [label for _, label in train], [label for _, label in val]
+        return Data(classes, train_ds, val_ds,
+                    device_data.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads),
+                    device_data.eval_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device),
+                    sampler, place, 0)
     pin = device.type == "cuda"
     # Training on the CPU from the RAM cache: what is left to load is light, and loader workers
     # would only take cores from the model (measured on 2 cores: 0 workers is fastest).

@@ -8,12 +8,17 @@ Works on any device; on a CPU it is only useful for testing this path.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
+from .augment import sample_rng, to_uint8_chw, train_draws
 from .config import DataConfig
-from .data import EvalBatchSampler, ImageDataset, TrainBatchSampler, sample_rng, to_uint8_chw, train_draws
 from .images import BadImage
+
+# data.py's batch samplers: per step, this rank's (sample index, epoch, weight) keys.
+BatchSampler = Sequence[list[tuple[int, int, float]]]
 
 
 def crop_resize_flip(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flips: list[bool],
@@ -43,7 +48,7 @@ class DeviceTrainLoader:
     0 and index -1-i, as in ImageDataset, so every rank keeps running and the loop reports the path.
     """
 
-    def __init__(self, images: list[torch.Tensor | None], labels: list[int], sampler: TrainBatchSampler,
+    def __init__(self, images: list[torch.Tensor | None], labels: list[int], sampler: BatchSampler,
                  cfg: DataConfig, seed: int, device: torch.device):
         self.images, self.labels, self.sampler = images, labels, sampler
         self.cfg, self.seed, self.device = cfg, seed, device
@@ -80,7 +85,7 @@ class DeviceTrainLoader:
 class DeviceEvalLoader:
     """Finished val crops in one device tensor, sliced by the rank's EvalBatchSampler."""
 
-    def __init__(self, crops: torch.Tensor, labels: list[int], ok: list[bool], sampler: EvalBatchSampler):
+    def __init__(self, crops: torch.Tensor, labels: list[int], ok: list[bool], sampler: BatchSampler):
         self.crops, self.sampler = crops, sampler
         self.labels, self.ok = torch.tensor(labels), torch.tensor(ok)
 
@@ -95,24 +100,25 @@ class DeviceEvalLoader:
                    torch.where(ok, ids, -1 - ids))
 
 
-def train_loader(ds: ImageDataset, sampler: TrainBatchSampler, device: torch.device,
-                 threads: int) -> DeviceTrainLoader:
+def train_loader(decode: Callable[[int], Image.Image], labels: list[int], sampler: BatchSampler, cfg: DataConfig,
+                 seed: int, device: torch.device, threads: int) -> DeviceTrainLoader:
     """Decodes every train image once, in threads, straight into device memory (the host holds only
     the images in flight, not the whole set)."""
     def one(i: int) -> torch.Tensor | None:
         try:
-            return to_uint8_chw(ds._decoded(i)).to(device)
+            return to_uint8_chw(decode(i)).to(device)
         except BadImage:
             return None  # drawn as a weight-0 placeholder; the loop reports the path
 
     with ThreadPoolExecutor(max(1, threads)) as ex:
-        images = list(ex.map(one, range(len(ds))))
-    return DeviceTrainLoader(images, [label for _, label in ds.samples], sampler, ds.cfg, ds.seed, device)
+        images = list(ex.map(one, range(len(labels))))
+    return DeviceTrainLoader(images, labels, sampler, cfg, seed, device)
 
 
-def eval_loader(ds: ImageDataset, sampler: EvalBatchSampler, device: torch.device) -> DeviceEvalLoader:
-    s = ds.cfg.image_size
-    ok = [i in ds.cache for i in range(len(ds))]
-    crops = torch.stack([ds.cache.pop(i) if ok[i] else torch.zeros(3, s, s, dtype=torch.uint8)
-                         for i in range(len(ds))]).to(device)
-    return DeviceEvalLoader(crops, [label for _, label in ds.samples], ok, sampler)
+def eval_loader(crops: dict[int, torch.Tensor], labels: list[int], sampler: BatchSampler, image_size: int,
+                device: torch.device) -> DeviceEvalLoader:
+    """The finished val crops (index -> uint8 CHW; a missing index failed to decode) in one device tensor."""
+    ok = [i in crops for i in range(len(labels))]
+    blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
+    stacked = torch.stack([crops.pop(i) if ok[i] else blank for i in range(len(labels))]).to(device)
+    return DeviceEvalLoader(stacked, labels, ok, sampler)

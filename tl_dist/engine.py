@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import TrainBatchSampler, normalize
+from .augment import normalize
+from .data import TrainBatchSampler
 from .model import HEAD, set_train_mode
 
 

@@ -9,7 +9,57 @@ from typing import Iterator
 
 from PIL import Image, ImageOps
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(folder: str) -> list[str]:
+    """Every image file under ``folder``: its own files (sorted), then each sub-folder's (sorted).
+
+    Symbolic links are followed, as people link data sets together; a link that leads back to a
+    folder it sits in would make the listing endless, so it is an error that names the link.
+    """
+    out: list[str] = []
+
+    def walk(d: str, ancestors: dict[tuple[int, int], str], via: str | None) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise UserError(f"data: cannot read folder {d}: {e.strerror}") from None
+        subdirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if is_image_name(e.name):
+                    out.append(e.path)
+                continue
+            try:
+                st = os.stat(e.path)
+            except OSError as err:
+                raise UserError(f"data: cannot read folder {e.path}: {err.strerror}") from None
+            key = (st.st_dev, st.st_ino)
+            link = e.path if e.is_symlink() else via
+            if key in ancestors:
+                raise UserError(f"data: symbolic link loop: {e.path} is {ancestors[key]} again (through the "
+                                f"link {link}); listing it would never end. Remove or fix the link")
+            subdirs.append((e.path, key, link))
+        for path, key, link in subdirs:
+            walk(path, {**ancestors, key: path}, link)
+
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        raise UserError(f"data: cannot read folder {folder}: {e.strerror}") from None
+    walk(str(folder), {(st.st_dev, st.st_ino): str(folder)}, None)
+    return out
 
 
 class BadImage(Exception):

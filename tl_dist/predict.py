@@ -52,7 +52,7 @@ class Predictor:
     def _tensor(self, item):
         from PIL import Image
 
-        from .data import eval_transform
+        from .augment import eval_transform
         from .images import load_rgb, to_rgb
 
         img = to_rgb(item) if isinstance(item, Image.Image) else load_rgb(str(item))
@@ -62,7 +62,7 @@ class Predictor:
         """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error."""
         import torch
 
-        from .data import normalize
+        from .augment import normalize
         from .images import BadImage
 
         k = min(topk or 3, len(self.classes))
@@ -101,18 +101,13 @@ def _name(item) -> str:
 
 
 def expand(inputs: Sequence[str]) -> list[str]:
-    """Files as given; directories walked (sorted) for image files."""
-    from .images import IMAGE_EXTENSIONS
+    """Files as given; directories listed for image files as the trainer lists its class folders."""
+    from .images import list_images
 
     out: list[str] = []
     for s in inputs:
-        if os.path.isdir(s):
-            for dirpath, dirnames, files in os.walk(s):
-                dirnames.sort()
-                out += [os.path.join(dirpath, f) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-        else:
-            out.append(s)  # a missing file is reported per image, not as a usage error
+        # a missing file is reported per image, not as a usage error
+        out += list_images(s) if os.path.isdir(s) else [s]
     return out
 
 

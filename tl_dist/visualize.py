@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import ImageDataset, epoch_order, normalize
+from .augment import normalize
+from .data import ImageDataset, epoch_order
 
 TILE = 224
 WHITE, BLACK, GREY = (255, 255, 255), (20, 20, 20), (150, 150, 150)
