@@ -1,14 +1,14 @@
-"""Issue 5's GPU targets 2-4 in one go, for a machine with one CUDA GPU (device time is scarce).
+"""The GPU measurements in one go, for a machine with one CUDA GPU (device time is scarce).
 
     PYTHONPATH=. python benchmarks/gpu_suite.py --bench PATH/TO/shared/bench [--work /tmp/tl_gpu]
     PYTHONPATH=. python benchmarks/gpu_suite.py --bench ... --smoke   # tiny sizes, any machine: checks the script
-    --part seed | scale runs one half (each fits one 10-minute device call); --no-compile drops the compile rows
+    --part tutorial | scale runs one half (each fits one 10-minute device call); --no-compile drops the compile rows
 
-2. the seed's workload (hymenoptera-shaped, 25 epochs, both modes): the seed's code against tl_dist
-   with the seed's hyperparameters (batch 4, lr 0.001: eager, the whole step as one CUDA graph,
+1. the tutorial's workload (hymenoptera-shaped, 25 epochs, both modes): the tutorial's code against tl_dist
+   with the tutorial's hyperparameters (batch 4, lr 0.001: eager, the whole step as one CUDA graph,
    compiled with CUDA graphs) and with batch 32 / lr 0.008 (linear scaling);
-3. scale: finetune, batch 256, bf16, from photo-sized JPEG files, 8,000 train images: images/s;
-4. cost as work grows: 1k, 8k and 64k train images (64k = the 8k files linked eight times), images/s
+2. scale: finetune, batch 256, bf16, from photo-sized JPEG files, 8,000 train images: images/s;
+3. cost as work grows: 1k, 8k and 64k train images (64k = the 8k files linked eight times), images/s
    and peak host and GPU memory, with the automatic data path (the GPU cache while the decoded set
    fits half the GPU's memory) and, at 64k, without the GPU cache: what a set too large for it gets.
 Prints markdown tables; every run's own output is kept under --work.
@@ -118,8 +118,8 @@ def main() -> None:
     p.add_argument("--bench", required=True, type=Path, help="the shared bench folder (make_data.py, seed_baseline.py)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tl_gpu"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes and epochs, to check the script on any machine")
-    p.add_argument("--part", choices=("all", "seed", "scale"), default="all",
-                   help="seed: target 2 only; scale: targets 3-4 only (each fits one 10-minute device call)")
+    p.add_argument("--part", choices=("all", "tutorial", "scale"), default="all",
+                   help="tutorial: the tutorial's workload only; scale: the scaling rows only (each fits one 10-minute device call)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (minutes of compiling)")
     a = p.parse_args()
     import torch
@@ -130,16 +130,16 @@ def main() -> None:
     sizes = (40, 80, 8) if a.smoke else (1000, 8000, 8)  # 1k, 8k, and 8k x 8 = 64k
     t_start = time.perf_counter()
 
-    if a.part in ("all", "seed"):
-        seed_workload(a, epochs)
+    if a.part in ("all", "tutorial"):
+        tutorial_workload(a, epochs)
     if a.part in ("all", "scale"):
         scale(a, scale_epochs, sizes)
     print(f"suite time {time.perf_counter() - t_start:.0f}s; GPU: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (smoke)'}", flush=True)
 
 
-def seed_workload(a: argparse.Namespace, epochs: int) -> None:
-    """Target 2: the seed's code and tl_dist on the seed's workload."""
+def tutorial_workload(a: argparse.Namespace, epochs: int) -> None:
+    """The tutorial's code and tl_dist on the tutorial's workload."""
     hym = a.work / "hym"
     if not (hym / "val").exists():
         subprocess.run([sys.executable, str(a.bench / "make_data.py"), str(hym)], check=True)
@@ -147,14 +147,14 @@ def seed_workload(a: argparse.Namespace, epochs: int) -> None:
     for mode in ("finetune", "frozen"):
         try:
             out, seed_wall = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode,
-                                 "--epochs", str(epochs)], a.work / f"seed_{mode}.log")
+                                 "--epochs", str(epochs)], a.work / f"tutorial_{mode}.log")
         except RunFailed as e:
-            rows.append({"mode": mode, "tl_dist": "seed's code", "error": str(e)})
+            rows.append({"mode": mode, "tl_dist": "the tutorial's code", "error": str(e)})
             continue
         m = re.search(r"train_s=([\d.]+) best_val_acc=([\d.]+)", out)
         seed_s, seed_acc = float(m.group(1)), float(m.group(2))
         for i, (label, over) in enumerate((
-                ("batch 4, lr 0.001 (seed's)", ()),
+                ("batch 4, lr 0.001 (the tutorial's)", ()),
                 ("batch 4, whole step as a CUDA graph", ("train.cuda_graphs=true",)),
                 ("batch 4, compiled, CUDA graphs", ("train.compile=true", "train.compile_mode=reduce-overhead")),
                 ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008")))):
@@ -168,17 +168,17 @@ def seed_workload(a: argparse.Namespace, epochs: int) -> None:
             except RunFailed as e:
                 rows.append({"mode": mode, "tl_dist": label, "error": str(e)})
                 continue
-            rows.append({"mode": mode, "tl_dist": label, "seed train s": seed_s, "tl_dist train s": r["train s"],
-                         "speed-up": f"{seed_s / r['train s']:.1f}x", "seed wall s": seed_wall,
-                         "tl_dist wall s": r["wall s"], "seed acc": seed_acc, "tl_dist acc": r["best acc"],
+            rows.append({"mode": mode, "tl_dist": label, "tutorial train s": seed_s, "tl_dist train s": r["train s"],
+                         "speed-up": f"{seed_s / r['train s']:.1f}x", "tutorial wall s": seed_wall,
+                         "tl_dist wall s": r["wall s"], "tutorial acc": seed_acc, "tl_dist acc": r["best acc"],
                          "train img/s": r["train img/s"], "data path": r["data path"], "precision": r["precision"],
                          "warnings": r["warnings"]})
-    print(f"\n### Target 2: the seed's workload, {epochs} epochs, weights none\n\n{table(rows)}\n", flush=True)
+    print(f"\n### The tutorial's workload, {epochs} epochs, weights none\n\n{table(rows)}\n", flush=True)
 
 
 
 def scale(a: argparse.Namespace, scale_epochs: int, sizes: tuple[int, int, int]) -> None:
-    """Targets 3 and 4: finetune at batch 256 from JPEG files, 1k / 8k / 64k images."""
+    """Scaling: finetune at batch 256 from JPEG files, 1k / 8k / 64k images."""
     parts = 2 if a.smoke else 16
     k8 = make_set(a.bench, a.work / "k8", sizes[1], 200 if not a.smoke else 10, parts)
     k1 = subset(k8, a.work / "k1", sizes[0])
@@ -197,7 +197,7 @@ def scale(a: argparse.Namespace, scale_epochs: int, sizes: tuple[int, int, int])
         rows.append({"train images": name, "train img/s": r["train img/s"], "val img/s": r["val img/s"],
                      "peak host MB": r["peak host MB"], "peak GPU MB": r["peak GPU MB"], "data path": r["data path"],
                      "precision": r["precision"]})
-    print(f"### Targets 3-4: finetune, batch 256, from JPEG files, {scale_epochs} epochs (img/s: epochs 2+)\n\n"
+    print(f"### Scaling: finetune, batch 256, from JPEG files, {scale_epochs} epochs (img/s: epochs 2+)\n\n"
           f"{table(rows)}\n", flush=True)
 
 

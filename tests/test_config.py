@@ -91,7 +91,7 @@ def test_dump_round_trips():
 def test_backbone_lr_null_means_lr():
     c = config.load(None, ["optim.lr=0.01", "model.mode=frozen_then_finetune", "model.unfreeze_epoch=3"])
     assert c.optim.backbone_lr is None and c.model.unfreeze_epoch == 3
-    from tl_dist.train import lrs_at
+    from tl_dist.recipe import lrs_at
     assert lrs_at(c, 0) == [0.01, 0.01]
     c = config.load(None, ["optim.lr=0.01", "optim.backbone_lr=1e-4", "scheduler.step_size=2"])
     assert lrs_at(c, 2) == pytest.approx([0.001, 1e-5])

@@ -21,7 +21,7 @@ def test_two_processes_one_job_one_writer(tiny_data, tmp_path):
     r = accelerate_launch(2, *_args(tiny_data, tmp_path, "train.epochs=2", "data.batch_size=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
-    assert r.stdout.count("epoch 1/2 ") == 1 and r.stdout.count("epoch 2/2 ") == 1  # rank 0 alone prints
+    assert r.stdout.count("epoch 0 (1 of 2) ") == 1 and r.stdout.count("epoch 1 (2 of 2) ") == 1  # rank 0 alone prints
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["world_size"] == 2
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +57,7 @@ def test_two_process_resume_continues(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = accelerate_launch(2, *_args(tiny_data, tmp_path, "train.epochs=2", "data.batch_size=3"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" in r.stdout and r.stdout.count("epoch 2/2 ") == 1 and "epoch 1/2 " not in r.stdout
+    assert "resuming" in r.stdout and r.stdout.count("epoch 1 (2 of 2) ") == 1 and "epoch 0 (1 of 2) " not in r.stdout
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in rows] == [0, 1]
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tl_dist import checkpoint, model, train
+from tl_dist import checkpoint, model, train, trainer
 from tl_dist.predict import Predictor
 
 from .conftest import FAST, ROOT, make_images
@@ -82,7 +82,7 @@ def test_failed_checkpoint_write_stops_the_run_and_loses_no_epoch(tiny_data, tmp
     """Whether files are written between epochs (CPU) or while the next epoch trains (GPU), a failed
     write stops the run with a clear error, the epoch before stays resumable, and the same command
     then finishes the run."""
-    monkeypatch.setattr(train, "write_in_background", lambda: background)
+    monkeypatch.setattr(trainer, "write_in_background", lambda: background)
     real, calls = checkpoint.save_state, []
 
     def disk_full_at_epoch_1(path, state):
@@ -161,7 +161,7 @@ def test_grad_accumulation_matches_larger_batch(tiny_data, tmp_path):
 
 
 def test_ranks_out_of_sync_is_an_error():
-    from tl_dist.engine import check_in_sync
+    from tl_dist.distributed import check_in_sync
     check_in_sync(["ab", "ab", "ab"], epoch=3)
     with pytest.raises(RuntimeError, match=r"out of sync after epoch 3: rank\(s\) \[2\]"):
         check_in_sync(["ab", "ab", "cd"], epoch=3)
@@ -199,3 +199,22 @@ def test_device_data_path_trains(tiny_data, tmp_path):
     assert best["data_path"].startswith("decoded once, kept in cpu memory; crop/resize/flip on cpu")
     rows = [json.loads(l) for l in (tmp_path / "dev" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_samples"] for r in rows] == [22, 22] and [r["val_samples"] for r in rows] == [13, 13]
+
+
+def test_a_new_run_removes_temp_files_a_killed_run_left_and_prints_whole_paths(tiny_data, tmp_path):
+    """A SIGKILL during a write leaves a checkpoint-sized temp file; the next run in that directory
+    removes its own kind (and nothing else). Piped output keeps the 'best weights' path on one line."""
+    out = tmp_path / ("a-long-run-directory-name-" * 6) / "run"
+    out.mkdir(parents=True)
+    stale = [out / ".best.safetensors.k2j3h4.tmp", out / ".resume.pt.x8y7.tmp"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)
+    (out / ".notes.tmp").write_text("not tl_dist's")
+    r = subprocess.run([sys.executable, "-m", "tl_dist.train", "--config", str(ROOT / "configs" / "demo.yaml"), *FAST,
+                        f"data.root={tiny_data}", "data.demo=false", f"train.output_dir={out}", "train.epochs=1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert not any(p.exists() for p in stale) and (out / ".notes.tmp").read_text() == "not tl_dist's"
+    assert f"best weights: {out / 'best.safetensors'}\n" in r.stdout
+    assert "epoch 0 (1 of 1)  train loss" in r.stdout

@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 
 FORMAT = "tl_dist/1"
 META_KEY = "tl_dist"
+# The files a training run writes into its output directory (the pictures are written in place).
+RUN_FILES = ("best.safetensors.", "best.json.", "last.safetensors.", "last.json.", "metrics.jsonl.", "resume.pt.",
+             "config.yaml.")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -56,6 +61,20 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temp files ``atomic_write`` leaves when its process is killed mid-write (a
+    checkpoint's worth each), for the files a run writes; returns what was removed."""
+    removed = []
+    for p in folder.glob(".*.tmp"):
+        if p.is_file() and p.name[1:].startswith(RUN_FILES):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass  # not ours to insist on; it is only space
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
 
@@ -67,8 +86,6 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """``path`` (.safetensors, metadata in its header) then ``path`` with .json beside it."""
-    from safetensors.torch import save
-
     meta = {"format": FORMAT, **meta}
     blob = save(_plain(state), metadata={META_KEY: json.dumps(meta)})
     atomic_write(path, blob)
@@ -103,9 +120,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) from a checkpoint; checks that the two describe the same model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
     try:
         state = load_file(str(path))

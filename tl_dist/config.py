@@ -21,72 +21,81 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def _choice(*values: str, default: str, doc: str = "") -> Any:
-    return field(default=default, metadata={"choices": values, "doc": doc})
+def _key(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its one-line help (shown by ``tl-dist train --help``) and allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/hymenoptera_data"  # folder holding train/ and val/
-    demo: bool = False  # true: generate the synthetic demo set into root if it is not there
-    image_size: int = 224  # RandomResizedCrop / CenterCrop size
-    resize_size: int = 256  # val Resize before the centre crop
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop ratio
-    hflip: bool = True
-    batch_size: int = 4  # per process
-    eval_batch_size: int = 0  # per process; 0 = 8 x batch_size (no gradients, so it can be larger)
-    num_workers: int = 4
-    # ram: decoded images in host memory, PIL augmentation; device: in the GPU's memory, augmented there
-    cache: str = _choice("auto", "ram", "device", "none", default="auto")
-    cache_gb: float = 4.0  # host memory budget per process for cache: auto
-    device_cache_gb: float | None = None  # GPU memory budget per process for cache: auto; null = half the GPU's
-    skip_bad_images: bool = False  # true: leave bad files out with a warning instead of stopping
+    root: str = _key("data/hymenoptera_data", "folder holding train/ and val/, one sub-folder per class")
+    demo: bool = _key(False, "generate the synthetic demo set into root (a missing or empty folder) if not there")
+    image_size: int = _key(224, "RandomResizedCrop / CenterCrop size")
+    resize_size: int = _key(256, "val Resize before the centre crop")
+    mean: list[float] = _key(list(IMAGENET_MEAN), "Normalize mean (RGB)")
+    std: list[float] = _key(list(IMAGENET_STD), "Normalize std (RGB)")
+    scale: list[float] = _key([0.08, 1.0], "RandomResizedCrop scale [min, max]")
+    ratio: list[float] = _key([3 / 4, 4 / 3], "RandomResizedCrop aspect ratio [min, max]")
+    hflip: bool = _key(True, "RandomHorizontalFlip")
+    batch_size: int = _key(4, "train batch per process (the global batch is this x processes)")
+    eval_batch_size: int = _key(0, "val batch per process; 0 = 8 x batch_size (no gradients, so it can be larger)")
+    num_workers: int = _key(4, "loader worker processes per training process")
+    cache: str = _key("auto", "where decoded images are kept: ram (host memory, PIL augmentation), device (GPU "
+                      "memory, augmented there), none, or auto (the fastest place they fit)",
+                      ("auto", "ram", "device", "none"))
+    cache_gb: float = _key(4.0, "host memory budget per process for cache: auto (GiB)")
+    device_cache_gb: float | None = _key(None, "GPU memory budget per process for cache: auto (GiB); "
+                                         "null = half the GPU's memory")
+    skip_bad_images: bool = _key(False, "leave bad image files out with a warning instead of stopping")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
-    weights: str = "imagenet"  # imagenet | none | path to a .pth state dict or .safetensors
-    # frozen_then_finetune: frozen for unfreeze_epoch epochs, then every layer trains
-    mode: str = _choice("finetune", "frozen", "frozen_then_finetune", default="finetune")
-    unfreeze_epoch: int | None = None  # frozen_then_finetune: the first epoch (0-based) that trains the backbone
-    frozen_bn: str = _choice("eval", "train", default="eval")  # train = the seed: BN stats keep moving
-    channels_last: bool = True
+    arch: str = _key("resnet18", "torchvision model with an fc head (the ResNet family)")
+    weights: str = _key("imagenet", "imagenet (torchvision's, downloaded once), none, or a path to a .pth "
+                        "state dict or .safetensors")
+    mode: str = _key("finetune", "finetune: every layer trains; frozen: only the new fc; frozen_then_finetune: "
+                     "frozen for unfreeze_epoch epochs, then every layer", ("finetune", "frozen", "frozen_then_finetune"))
+    unfreeze_epoch: int | None = _key(None, "frozen_then_finetune: the first epoch (0-based) that trains the backbone")
+    frozen_bn: str = _key("eval", "a frozen backbone's BatchNorm: eval keeps its statistics fixed; train = the "
+                          "tutorial (statistics keep moving)", ("eval", "train"))
+    channels_last: bool = _key(True, "channels-last memory format (faster convolutions)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.001
-    backbone_lr: float | None = None  # every layer but fc; null = lr (finetune, frozen_then_finetune)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr: float = _key(0.001, "SGD learning rate of the new fc (and of the backbone unless backbone_lr is set)")
+    backbone_lr: float | None = _key(None, "learning rate of every layer but fc; null = lr")
+    momentum: float = _key(0.9, "SGD momentum")
+    weight_decay: float = _key(0.0, "SGD weight decay")
 
 
 @dataclass
 class SchedulerConfig:
-    step_size: int = 7
-    gamma: float = 0.1
+    step_size: int = _key(7, "StepLR: decay the learning rate every step_size epochs")
+    gamma: float = _key(0.1, "StepLR: the decay factor")
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 25
-    mixed_precision: str = _choice("auto", "no", "fp16", "bf16", default="auto")
-    seed: int = 0
-    output_dir: str = "runs/default"
-    resume: str = "auto"  # auto | none | path to a run directory
-    grad_accum_steps: int = 1
-    sync_batchnorm: bool = False
-    plots: bool = True
-    compile: bool = False
-    # reduce-overhead: CUDA graphs, for small batches that are bound by kernel launches on a GPU
-    compile_mode: str = _choice("default", "reduce-overhead", "max-autotune", default="default")
-    # the whole train step (forward, backward, SGD) replayed as one CUDA graph: small batches on one
-    # GPU, without compiling; needs one process, grad_accum_steps 1, mixed_precision bf16 or no
-    cuda_graphs: bool = False
+    epochs: int = _key(25, "epochs to train (a resumed run continues up to this many)")
+    mixed_precision: str = _key("auto", "auto: bf16 where the hardware runs it fast (fp16 on older GPUs), else no",
+                                ("auto", "no", "fp16", "bf16"))
+    seed: int = _key(0, "RNG seed: model init, data order and augmentation")
+    output_dir: str = _key("runs/default", "run directory: checkpoints, metrics, config, pictures")
+    resume: str = _key("auto", "auto: continue output_dir's run if there is one; none: start fresh; or a run "
+                       "directory / resume.pt to continue from")
+    grad_accum_steps: int = _key(1, "micro-batches per optimizer step")
+    sync_batchnorm: bool = _key(False, "BatchNorm statistics over the global batch (CUDA, several processes)")
+    plots: bool = _key(True, "draw train_batch.png, val_predictions.png, curves.png, confusion_matrix.png")
+    compile: bool = _key(False, "torch.compile the model")
+    compile_mode: str = _key("default", "torch.compile mode; reduce-overhead = CUDA graphs, for small batches "
+                             "bound by kernel launches", ("default", "reduce-overhead", "max-autotune"))
+    cuda_graphs: bool = _key(False, "replay the whole train step (forward, backward, SGD) as one CUDA graph: small "
+                             "batches on one GPU; needs grad_accum_steps 1 and mixed_precision bf16 or no")
 
 
 @dataclass
@@ -284,3 +293,18 @@ def from_dict(d: dict, source: str = "checkpoint") -> Config:
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def reference() -> str:
+    """Every key with its default and help line, from the schema itself (for ``--help`` and docs)."""
+    cfg, lines = Config(), []
+    for section in _fields(cfg):
+        lines.append(f"{section}:")
+        for name, f in _fields(getattr(cfg, section)).items():
+            default = yaml.safe_dump(getattr(getattr(cfg, section), name), default_flow_style=True).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            choices = f.metadata.get("choices")
+            allowed = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"  {section}.{name} = {default}{allowed}")
+            lines.append(f"      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .errors import UserError
@@ -58,8 +60,6 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"model: weights file not found: {p} (model.weights is imagenet, none, or a path)")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError) as e:
@@ -123,7 +123,7 @@ def set_frozen(model: nn.Module, frozen: bool) -> None:
 def set_train_mode(model: nn.Module, training: bool, frozen: bool, frozen_bn: str) -> None:
     """model.train(training), but a frozen backbone stays in eval mode so its BN statistics stay fixed.
 
-    ``frozen_bn: train`` reproduces the seed, whose frozen backbone kept updating BN running stats.
+    ``frozen_bn: train`` reproduces the tutorial, whose frozen backbone kept updating BN running stats.
     """
     model.train(training)
     if training and frozen and frozen_bn == "eval":

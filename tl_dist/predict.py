@@ -19,6 +19,10 @@ from .errors import UserError, one_line
 DEFAULT_RUNS = Path("runs")
 
 
+# torch and the model code are imported where they are used, so that --help and usage errors
+# answer at once.
+
+
 class Predictor:
     """``Predictor.from_checkpoint(path).predict([paths or PIL images])`` -> list of result dicts."""
 
@@ -151,8 +155,8 @@ def print_table(results: list[dict], k: int) -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tl_dist.predict",
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predict") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Predict image classes with a tl_dist checkpoint.")
     p.add_argument("images", nargs="+", help="image files and/or directories (walked for images)")
     p.add_argument("--checkpoint", "-c", help="run directory (uses its best.safetensors) or a .safetensors "
@@ -165,8 +169,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predict") -> int:
+    args = parse_args(argv, prog)
     try:
         if args.topk is not None and args.topk < 1:
             raise UserError("predict: --topk must be 1 or more")

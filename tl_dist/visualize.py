@@ -1,4 +1,4 @@
-"""The seed's pictures as PNG files, drawn with Pillow (no display, no plotting dependency):
+"""The tutorial's pictures as PNG files, drawn with Pillow (no display, no plotting dependency):
 a training batch, val predictions, loss/accuracy curves and the confusion matrix.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def grid(tiles: list[tuple[Image.Image, str, tuple]], path: Path, cols: int = 4)
 
 
 def train_batch(ds: ImageDataset, classes: list[str], path: Path, seed: int, n: int = 8) -> None:
-    """The first augmented samples of epoch 0, as the seed's "visualize a few images" shows them."""
+    """The first augmented samples of epoch 0, as the tutorial's "visualize a few images" shows them."""
     tiles = []
     for i in epoch_order(len(ds), seed, 0)[:n]:
         img, label, _, _ = ds[(i, 0, 1.0)]
@@ -55,7 +55,7 @@ def train_batch(ds: ImageDataset, classes: list[str], path: Path, seed: int, n: 
 
 @torch.inference_mode()
 def val_predictions(model, ds: ImageDataset, classes: list[str], ctx, device, path: Path, n: int = 8) -> None:
-    """The seed's visualize_model: val images with predicted and true class; wrong ones in red."""
+    """The tutorial's visualize_model: val images with predicted and true class; wrong ones in red."""
     idx = [i for i in range(0, len(ds), max(1, len(ds) // n))][:n]
     items = [ds[(i, 0, 1.0)] for i in idx]
     x = normalize(torch.stack([it[0] for it in items]).to(device), ctx.mean, ctx.std, ctx.channels_last)

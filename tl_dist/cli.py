@@ -1,0 +1,52 @@
+"""tl-dist: one command, a sub-command per job.
+
+    tl-dist train CONFIG [section.key=value ...]        train (also: python -m tl_dist.train)
+    tl-dist predict IMAGE|DIR ... [--checkpoint RUN]    predict (also: python -m tl_dist.predict)
+
+Several processes: accelerate launch [...] -m tl_dist.train CONFIG [...], or ./launch.sh CONFIG.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from typing import Sequence
+
+from . import __version__
+
+# name -> (module with main(argv, prog), one line for the listing)
+COMMANDS = {
+    "train": ("tl_dist.train", "fine-tune or train a frozen-backbone classifier from a YAML config"),
+    "predict": ("tl_dist.predict", "predict image classes with a checkpoint (needs nothing else)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: tl-dist COMMAND [ARGS ...]   (tl-dist COMMAND --help for its own)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "several processes or machines: accelerate launch [...] -m tl_dist.train CONFIG [...], "
+                  "or ./launch.sh CONFIG"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"tl-dist {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"error: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest, prog=f"tl-dist {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

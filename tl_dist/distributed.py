@@ -1,0 +1,235 @@
+"""Everything that knows there may be more than one process: the Accelerator, agreeing on errors,
+sharing results from rank 0, stop signals, torchrun restarts, and the cross-rank checks.
+
+Model, data, checkpoint, augmentation and recipe code never import accelerate; the trainer and the
+epoch functions reach the other processes only through this module (and the Accelerator it makes).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list, gather_object
+
+from . import model as model_lib
+from .config import Config
+from .errors import UserError
+
+GRACE_SECONDS = 20.0  # after a stop signal, exit even if no step boundary was reached by then
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def resolve_mixed_precision(mp: str, cuda: bool) -> str:
+    """``auto``: bf16 where the hardware runs it fast (Ampere+ GPUs, CPUs with AVX512-BF16/AMX)."""
+    if mp != "auto":
+        return mp
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def join_restarted_group(cuda: bool) -> None:
+    """Form the process group of a job that torchrun restarted, in keys of its own.
+
+    torchrun's static rendezvous keeps one store for all attempts, and its workers connect to it
+    with no per-attempt prefix, so the process-group keys of the failed attempt are still there. A
+    restarted rank could read a dead peer's address from them and fail ("Gloo connectFullMesh
+    failed ... Connection refused"). Each attempt gets its own prefix; accelerate then uses this group.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if attempt == "0" or world == 1 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    if cuda:  # NCCL binds to the device current when it first communicates
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=5))
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"tl_dist/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world)
+
+
+def make_accelerator(cfg: Config):
+    """(Accelerator, resolved mixed precision). Accumulation windows are the epoch loop's own."""
+    cuda = torch.cuda.is_available()
+    mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
+    if mp == "fp16" and not cuda:
+        raise UserError("config: train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    join_restarted_group(cuda)
+    # cpu=True without CUDA makes N launched processes one gloo group (MULTI_CPU) instead of N
+    # independent single-process runs.
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise UserError(f"launch: WORLD_SIZE={launched} but accelerate formed a group of "
+                        f"{acc.num_processes}; check the launcher settings (accelerate config)")
+    if cfg.train.sync_batchnorm and acc.num_processes > 1 and not cuda:
+        raise UserError("config: train.sync_batchnorm=true needs CUDA GPUs (torch's SyncBatchNorm does not "
+                        "run on CPU); set train.sync_batchnorm=false")
+    return acc, mp
+
+
+def rewrap_unfrozen(accelerator, net):
+    """Train the backbone from now on, correctly under DDP.
+
+    DDP decides which parameters it all-reduces when it wraps the model: those requiring grad then.
+    A backbone unfrozen under the same wrapper would get gradients that are never averaged, and the
+    ranks would drift apart (the Lightning BackboneFinetuning bug, issue 20340). So the module is
+    wrapped again; the new wrapper registers every parameter (the ranks hold equal weights already).
+    """
+    inner = accelerator.unwrap_model(net)
+    model_lib.set_frozen(inner, False)
+    return accelerator.prepare_model(inner) if accelerator.num_processes > 1 else net
+
+
+# ----------------------------------------------------------------------------- agreeing and sharing
+
+def agree(accelerator, fn: Callable, *args, **kwargs):
+    """Run ``fn`` on every rank; a UserError on any rank is raised on every rank.
+
+    Set-up steps can fail on one rank only (a data folder missing on one machine, rank 0's scan
+    finding bad files). Without this the healthy ranks would wait in the next collective until
+    its timeout; with it, the whole job ends at once with the failing rank's message.
+    ``fn`` itself must not run collectives.
+    """
+    err, result = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as e:
+        err = str(e)
+    if accelerator.num_processes > 1:
+        errors = gather_objects(accelerator, err)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            rank, msg = failed[0]
+            raise UserError(msg if rank == accelerator.process_index else f"(on rank {rank}) {msg}")
+    elif err:
+        raise UserError(err)
+    return result
+
+
+def on_main_then_share(accelerator, fn: Callable):
+    """``fn()`` on rank 0 only; its result is broadcast to every rank, its UserError raised on all."""
+    value = agree(accelerator, lambda: fn() if accelerator.is_main_process else None)
+    if accelerator.num_processes > 1:
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        value = box[0]
+    return value
+
+
+def gather_objects(accelerator, obj: Any) -> list:
+    """Every rank's ``obj``, in rank order (picklable values of this process's own making)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    return gather_object([obj])
+
+
+def gather_union(accelerator, items: list[int]) -> list[int]:
+    """The sorted union of every rank's ``items``."""
+    if accelerator.num_processes == 1:
+        return items
+    return sorted({i for part in gather_objects(accelerator, items) for i in part})
+
+
+def reduce_sum(accelerator, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over ranks (in float64, in one collective), returned on the CPU."""
+    flat = torch.cat([v.reshape(-1).to(accelerator.device, torch.float64) for v in values])
+    if accelerator.num_processes > 1:
+        flat = accelerator.reduce(flat, reduction="sum")
+    out, i = [], 0
+    for v in values:
+        out.append(flat[i:i + v.numel()].reshape(v.shape).cpu())
+        i += v.numel()
+    return out
+
+
+def share_buffers(accelerator, model) -> None:
+    """Every rank takes rank 0's BatchNorm statistics.
+
+    In train mode each rank updates its running statistics from its own slice; DDP hands rank 0's
+    to the others only at the next forward. Evaluating and saving right after an epoch must use the
+    same statistics on every rank, namely those in the saved checkpoint (rank 0's).
+    """
+    if accelerator.num_processes > 1:
+        buffers = list(accelerator.unwrap_model(model).buffers())
+        if buffers:
+            broadcast(buffers, from_process=0)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer, bit for bit."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_in_sync(digests: list[str], epoch: int) -> None:
+    """All ranks must hold the same weights; if not, training is silently wrong from here on."""
+    off = [r for r, d in enumerate(digests) if d != digests[0]]
+    if off:
+        raise RuntimeError(f"ranks out of sync after epoch {epoch}: rank(s) {off} hold other weights than "
+                           f"rank 0. This is a bug (or a hardware fault); please report it with the config")
+
+
+def assert_ranks_in_sync(accelerator, model, epoch: int) -> str | None:
+    """Compare a digest of the weights across ranks; returns it (None on a single process)."""
+    if accelerator.num_processes == 1:
+        return None
+    digests = gather_objects(accelerator, weights_digest(accelerator.unwrap_model(model)))
+    check_in_sync(digests, epoch)
+    return digests[0]
+
+
+# ----------------------------------------------------------------------------- stopping
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary, on every rank together."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really means now
+        if self.signum is None:
+            # A rank blocked in a collective with a dead peer never reaches a step boundary; launchers
+            # (torchrun: 30 s) then escalate to SIGKILL. Leave on our own before that, so a restart
+            # is not held up. Nothing is lost: every file on disk is complete.
+            timer = threading.Timer(GRACE_SECONDS, os._exit, args=(128 + signum,))
+            timer.daemon = True
+            timer.start()
+        self.signum = signum
+
+    def check(self, accelerator) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")  # one rank signalled = all stop
+        return bool(flag.item() > 0)

@@ -1,0 +1,148 @@
+"""The run's state from epoch to epoch, and the one place that saves and resumes it.
+
+The promises kept here: a resumed run continues bit for bit (weights, optimizer, every rank's RNG
+states); the files of an epoch are written in an order that leaves the run resumable at every
+moment (weights, metrics, then the resume state, which only ever points at complete files); and a
+resumed run never replaces a better ``best`` on disk with a worse one.
+Knows nothing about processes: the trainer gathers the ranks' RNG states and shares what rank 0 reads.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import Config
+from .errors import UserError
+
+RESUME_FILE = "resume.pt"
+# What a resume state must match in the run that reads it (the model it describes).
+IDENTITY = ("arch", "mode", "classes")
+
+
+@dataclass
+class RunState:
+    """What a run carries from one epoch to the next; ``resume.pt`` is this, as plain values.
+
+    ``model``, ``optimizer`` and ``rng`` are set when an epoch is saved (rank 0) or resumed.
+    """
+    epoch: int = -1  # the last complete epoch
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)  # one metrics row per epoch
+    best_model: dict[str, torch.Tensor] | None = None
+    best_confusion: torch.Tensor | None = None
+    model: dict[str, torch.Tensor] | None = None  # the weights at the end of ``epoch``
+    optimizer: dict | None = None
+    rng: list[dict] = field(default_factory=list)  # each rank's RNG states, in rank order
+
+    @property
+    def next_epoch(self) -> int:
+        return self.epoch + 1
+
+    def improves(self, val_acc: float) -> bool:
+        return val_acc > self.best_val_acc
+
+    def record(self, row: dict, val_acc: float, confusion: torch.Tensor, weights: dict | None) -> bool:
+        """Add a finished epoch with its weights (a copy taken at its end); True if it is the best so far."""
+        is_best = self.improves(val_acc)
+        self.epoch, self.model = row["epoch"], weights
+        self.history.append(row)
+        if is_best:
+            self.best_val_acc, self.best_epoch, self.best_model, self.best_confusion = \
+                val_acc, row["epoch"], weights, confusion
+        return is_best
+
+    def to_resume(self, identity: dict[str, Any]) -> dict[str, Any]:
+        """The resume state: plain values, the tensors shared (not copied), the history copied (it
+        grows while the file is written), and what a resuming run must match."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**d, "history": list(self.history), **identity}
+
+    @classmethod
+    def from_resume(cls, d: dict[str, Any]) -> "RunState":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_epoch(out: Path, meta: dict, is_best: bool, state: dict) -> None:
+    """An epoch's files (rank 0, possibly on the writer's thread) from its resume state, in an order
+    that leaves the run resumable at every moment: weights, metrics, then the resume state."""
+    try:
+        checkpoint.save_weights(out / "last.safetensors", state["model"], {**meta, "kind": "last"})
+        if is_best:
+            checkpoint.save_weights(out / "best.safetensors", state["model"], {**meta, "kind": "best"})
+        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+        checkpoint.save_state(out / RESUME_FILE, state)
+    except OSError as e:
+        raise UserError(f"checkpoint: writing epoch {meta['epoch']}'s files in {out} failed: {e}. The files of "
+                        f"the epochs before are intact: free space (or fix the folder) and run the same command "
+                        f"to resume") from None
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def resume_path(cfg: Config) -> Path:
+    src = Path(cfg.train.output_dir) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    return src / RESUME_FILE if src.is_dir() or cfg.train.resume == "auto" else src
+
+
+def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
+    """The state to continue from (None: start fresh); refuses one that cannot fit this run."""
+    path = resume_path(cfg)
+    if not path.exists():
+        if cfg.train.resume != "auto":
+            raise UserError(f"resume: no resume state at {path} (train.resume is auto, none or a run directory)")
+        return None
+    s = checkpoint.load_state(path)
+    for key in IDENTITY:
+        if s.get(key) != identity[key]:
+            raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
+                            f"{identity[key]!r}; use another train.output_dir or train.resume=none")
+    state = RunState.from_resume(s)
+    best = Path(cfg.train.output_dir) / "best.safetensors"
+    if best.exists():  # never let a resumed run overwrite a better best with a worse one
+        on_disk = checkpoint.read_metadata(best)
+        if on_disk.get("val_acc", -1) > state.best_val_acc:
+            state.best_val_acc, state.best_epoch = on_disk["val_acc"], on_disk["epoch"]
+            state.best_model = checkpoint.load_weights(best)[0]
+    return state
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's (CPU and every GPU) RNGs, from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain Python values (bytes, ints): safe to gather across ranks
+    and to load back with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = {"python": random.getstate(), "numpy": (name, keys.tobytes(), pos, has_gauss, gauss),
+         "torch": torch.get_rng_state().numpy().tobytes()}
+    if torch.cuda.is_available():
+        s["cuda"] = [t.numpy().tobytes() for t in torch.cuda.get_rng_state_all()]
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    def tensor(b: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+    random.setstate(s["python"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(tensor(s["torch"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(b) for b in s["cuda"]])

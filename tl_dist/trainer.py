@@ -1,0 +1,367 @@
+"""fit(cfg): one training job. Set up, then the epoch loop (``_fit``, one screen), then finish.
+
+Rank 0 writes every file; all ranks agree on "best" because they compare the same reduced metric.
+Who owns what: the processes (``distributed``), the run state and its files (``runstate``), one
+epoch's train and eval (``engine``), the optimizer and schedule (``recipe``), the model (``model``),
+the data (``data``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, checkpoint, config, data, demo, host_memory, recipe, visualize
+from . import model as model_lib
+from .config import Config
+from .distributed import (StopRequest, agree, assert_ranks_in_sync, gather_objects, make_accelerator,
+                          on_main_then_share, rewrap_unfrozen, share_buffers)
+from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
+from .errors import UserError, one_line
+from .graphs import GraphedStep, check_cuda_graphs
+from .images import scan_files
+from .runstate import RunState, read_resume, rng_state, save_epoch, seed_everything, set_rng_state
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    best_val_acc: float
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    interrupted: int = 0  # the signal that stopped the run, 0 if it ran to the end
+
+
+def fit(cfg: Config) -> RunResult:
+    """One training run; returns its result. SIGTERM/SIGINT stop it cleanly at a step boundary.
+
+    Returns (or raises) only once every epoch's files are on disk.
+    """
+    writer = checkpoint.BackgroundWriter(background=write_in_background())
+    try:
+        with StopRequest() as stop:
+            result = _fit(cfg, stop, writer)
+    except BaseException:
+        try:  # keep the last complete epoch; the error in flight is the one to report
+            writer.close()
+        except Exception as e:
+            print(f"warning: {one_line(e)}", file=sys.stderr, flush=True)
+        raise
+    writer.close()
+    return result
+
+
+def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) -> RunResult:
+    run = set_up(cfg)
+    acc, state, d = run.accelerator, run.state, run.data
+    t_run, interrupted = time.perf_counter(), 0
+    for epoch in range(state.next_epoch, cfg.train.epochs):
+        if run.ctx.frozen and not model_lib.frozen_at(cfg.model, epoch):
+            run.unfreeze(epoch)
+        lrs = recipe.set_lrs(run.optimizer, cfg, epoch)
+        d.train_sampler.set_epoch(epoch)
+        tr = train_one_epoch(acc, run.net, run.step, d.train_loader, d.train_sampler, run.ctx, epoch,
+                             should_stop=lambda: stop.check(acc))
+        if tr.stopped:
+            interrupted = stop.signum or signal.SIGTERM
+            break
+        run.drop_failed_graphs()
+        share_buffers(acc, run.net)
+        va = evaluate(acc, run.net, d.val_loader, run.ctx, len(d.classes), epoch, run.head_inputs)
+        digest = assert_ranks_in_sync(acc, run.net, epoch)
+        report_bad_images(cfg, d, tr, va, epoch, run.log)
+        row = metrics_row(epoch, tr, va, lrs, run.ctx.frozen, digest, acc.device)
+        is_best = record_and_save(run, writer, row, va)
+        run.log(epoch_line(row, cfg.train.epochs, lrs, run.ctx.frozen, is_best))
+        if stop.check(acc) and epoch + 1 < cfg.train.epochs:
+            interrupted = stop.signum or signal.SIGTERM
+            break
+    return finish(run, writer, interrupted, time.perf_counter() - t_run)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class Run:
+    """What set-up builds and the epoch loop works with."""
+    cfg: Config
+    accelerator: object
+    mixed_precision: str
+    out: Path
+    data: data.Data
+    net: torch.nn.Module  # as prepared (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    ctx: StepContext
+    state: RunState
+    meta: dict  # what every checkpoint of this run says about itself
+    head_inputs: HeadInputs | None = None
+
+    @property
+    def identity(self) -> dict:
+        """What a resume state must match: the model it describes."""
+        return {"classes": self.data.classes, "arch": self.cfg.model.arch, "mode": self.cfg.model.mode}
+
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(msg, flush=True)
+
+    def unfreeze(self, epoch: int) -> None:
+        self.net = rewrap_unfrozen(self.accelerator, self.net)
+        self.head_inputs = None  # the backbone moves from now on: its outputs do too
+        self.ctx = dataclasses.replace(self.ctx, frozen=False)
+        self.log(f"epoch {epoch}: the backbone trains from now on "
+                 f"(after model.unfreeze_epoch={self.cfg.model.unfreeze_epoch} frozen epochs)")
+
+    def drop_failed_graphs(self) -> None:
+        failed = getattr(self.step, "failed", None)
+        if failed:
+            self.log(f"warning: train.cuda_graphs: {failed}; training goes on without graphs")
+            self.step = self.step.fallback
+
+
+def set_up(cfg: Config) -> Run:
+    """Accelerator, data, model, resume state, optimizer, train step and the run's first files."""
+    accelerator, mp = make_accelerator(cfg)
+    main_proc = accelerator.is_main_process
+    if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
+        host_memory.keep_freed_memory()
+    check_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp)
+    log = functools.partial(print, flush=True) if main_proc else (lambda msg: None)
+
+    out = Path(cfg.train.output_dir)
+    agree(accelerator, lambda: prepare_output_dir(out) if main_proc else None)
+    seed_everything(cfg.train.seed)
+
+    d = prepare_data(cfg, accelerator, log)
+    net = agree(accelerator, model_lib.build, cfg.model, len(d.classes))
+    identity = {"classes": d.classes, "arch": cfg.model.arch, "mode": cfg.model.mode}
+    # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
+    state = (on_main_then_share(accelerator, lambda: read_resume(cfg, identity)) if cfg.train.resume != "none"
+             else None)
+    if state is not None:
+        net.load_state_dict(state.model)
+        log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_val_acc:.4f} "
+            f"at epoch {state.best_epoch})")
+
+    if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if cfg.model.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        net.compile(mode=cfg.train.compile_mode)
+    optimizer = recipe.build_optimizer(net, cfg)
+    start = state.next_epoch if state is not None else 0
+    frozen = model_lib.frozen_at(cfg.model, start)  # the phase the wrapper is built for
+    if cfg.model.mode == "frozen_then_finetune" and cfg.model.unfreeze_epoch >= cfg.train.epochs:
+        log(f"note: model.unfreeze_epoch={cfg.model.unfreeze_epoch} >= train.epochs={cfg.train.epochs}: "
+            f"the backbone stays frozen in this run (a resumed run with more epochs unfreezes it)")
+    model_lib.set_frozen(net, frozen)
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"resume: the optimizer state in {out / 'resume.pt'} does not fit this run ({e}); "
+                            f"use another train.output_dir or train.resume=none") from None
+        # Data order and augmentation do not depend on these; with another world size they are
+        # left as seeded, which changes nothing the run draws.
+        if len(state.rng) == accelerator.num_processes:
+            set_rng_state(state.rng[accelerator.process_index])
+    net, optimizer = accelerator.prepare(net, optimizer)
+    step: TrainStep = EagerStep(accelerator, optimizer)
+    if cfg.train.cuda_graphs:  # (its needs were checked above)
+        step = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
+                           capture=accelerator.device.type == "cuda", fallback=step)
+    ctx = StepContext(cfg.data.mean, cfg.data.std, cfg.model.channels_last, frozen, cfg.model.frozen_bn,
+                      cfg.train.grad_accum_steps)
+    meta = {
+        "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
+        "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
+        "mean": cfg.data.mean, "std": cfg.data.std, "world_size": accelerator.num_processes,
+        "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
+        "data_path": d.describe(accelerator.device),
+    }
+    if main_proc:
+        checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
+        log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
+            f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
+            f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
+        if cfg.train.plots and start == 0:
+            visualize.train_batch(d.train, d.classes, out / "train_batch.png", seed=cfg.train.seed)
+
+    # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs) when
+    # they fit the host cache budget (fp32 size, an upper bound: one vector per val image).
+    feature_bytes = len(d.val) * getattr(accelerator.unwrap_model(net), model_lib.HEAD).in_features * 4
+    keep_features = frozen and cfg.model.frozen_bn == "eval" and feature_bytes <= cfg.data.cache_gb * 2**30
+    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state or RunState(), meta,
+               HeadInputs() if keep_features else None)
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Create it, check it is writable, and remove temp files a killed run of ours left there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"train: train.output_dir {path} is not writable: {e.strerror}; "
+                        f"choose another with train.output_dir=PATH") from None
+    checkpoint.remove_stale_temp_files(path)
+
+
+def versions() -> dict[str, str]:
+    return {"tl_dist": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "accelerate": version("accelerate"), "python": platform.python_version()}
+
+
+def write_in_background() -> bool:
+    """Checkpoint files are written while the next epoch runs where the model trains on a GPU (the
+    host's cores are free); where it trains on the CPU, they are written between epochs."""
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- data
+
+def first_few(items: list[str], n: int) -> str:
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def prepare_data(cfg: Config, accelerator, log) -> data.Data:
+    if cfg.data.demo:
+        if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
+            log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
+        # (on every node's first rank; the others wait, then all learn of a refusal together)
+        agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
+    classes, train, val = agree(accelerator, data.list_splits, cfg.data.root)
+    # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
+    report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, train, val, log))
+    if report.bad:
+        train = [s for s in train if s[0] not in report.bad]
+        val = [s for s in val if s[0] not in report.bad]
+    return agree(accelerator, data.build, cfg.data, classes, train, val, seed=cfg.train.seed,
+                 world=accelerator.num_processes, rank=accelerator.process_index,
+                 device=accelerator.device, sizes=report.sizes)
+
+
+def scan_split_files(cfg: Config, train: list, val: list, log):
+    """Rank 0's pre-flight check of every file; stops the run on bad files unless told to skip them."""
+    t0 = time.perf_counter()
+    report = scan_files([p for p, _ in train + val])
+    log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
+    if report.bad:
+        listing = first_few(list(report.bad.values()), 10)
+        if not cfg.data.skip_bad_images:
+            raise UserError(f"data: {len(report.bad)} bad image file(s) under {cfg.data.root}: {listing}. "
+                            f"Fix or remove them, or set data.skip_bad_images=true to leave them out")
+        log(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}")
+        for split, samples in (("train", train), ("val", val)):
+            if all(p in report.bad for p, _ in samples):
+                raise UserError(f"data: no usable images left in {cfg.data.root}/{split} after leaving out bad files")
+    return report
+
+
+def report_bad_images(cfg: Config, d: data.Data, tr: EpochResult, va: EpochResult, epoch: int, log) -> None:
+    """Files that passed the scan but failed to decode this epoch: stop, or say they were left out."""
+    # Indices are per split: train's from the train set, val's from the val set.
+    bad = [d.train.samples[i][0] for i in tr.bad] + [d.val.samples[i][0] for i in va.bad]
+    if not bad:
+        return
+    paths = first_few(bad, 5)
+    if not cfg.data.skip_bad_images:
+        raise UserError(f"data: {len(bad)} image(s) failed to decode during epoch {epoch} "
+                        f"(changed since the scan?): {paths}; fix them or set data.skip_bad_images=true")
+    log(f"warning: {len(bad)} image(s) failed to decode and were left out this epoch: {paths}")
+
+
+# ----------------------------------------------------------------------------- each epoch
+
+def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], frozen: bool,
+                digest: str | None, device: torch.device) -> dict:
+    """The epoch's line in metrics.jsonl."""
+    row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
+           "val_acc": va.acc, "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
+           "seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "val_seconds": va.seconds,
+           "train_samples": tr.samples, "val_samples": va.samples, **peak_memory_mb(device)}
+    if digest:
+        row["weights_digest"] = digest
+    return row
+
+
+def record_and_save(run: Run, writer: checkpoint.BackgroundWriter, row: dict, va: EpochResult) -> bool:
+    """Add the epoch to the run state and (rank 0) hand its files to the writer; True if it is the best."""
+    acc, state = run.accelerator, run.state
+    is_best = state.improves(va.acc)
+    # A CPU copy, taken now: kept as the best, and written while the next epoch trains.
+    weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict()) if is_best or acc.is_main_process else None
+    state.record(row, va.acc, va.confusion, weights)
+    rngs = gather_objects(acc, rng_state())
+    if acc.is_main_process:
+        state.optimizer, state.rng = checkpoint.snapshot(run.optimizer.state_dict()), rngs
+        meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss}
+        writer.submit(functools.partial(save_epoch, run.out, meta, is_best, state.to_resume(run.identity)))
+    return is_best
+
+
+def epoch_line(row: dict, epochs: int, lrs: list[float], frozen: bool, is_best: bool) -> str:
+    backbone = "" if frozen or lrs[-1] == lrs[0] else f" (backbone {lrs[-1]:.2g})"
+    return (f"epoch {row['epoch']} ({row['epoch'] + 1} of {epochs})  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+            f"lr {lrs[0]:.2g}{backbone}  {row['seconds']:.1f}s{'  *best' if is_best else ''}")
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident host memory, and peak GPU memory allocated by torch."""
+    peak = {"peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.type == "cuda":
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+# ----------------------------------------------------------------------------- finish
+
+def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, total: float) -> RunResult:
+    acc, state, out = run.accelerator, run.state, run.out
+    acc.wait_for_everyone()
+    if interrupted:
+        writer.wait()  # before saying so
+        run.log(f"interrupted: stopped at a step boundary; the last complete epoch is saved in {out}. "
+                f"Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
+        return RunResult(out, state.best_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
+
+    if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
+        acc.unwrap_model(run.net).load_state_dict(state.best_model)
+    if acc.is_main_process:
+        summary(state, total, out)
+        if run.cfg.train.plots and state.best_model is not None:
+            visualize.after_training(acc.unwrap_model(run.net), run.data, run.ctx, state.history,
+                                     state.best_confusion, out, acc.device)
+    return RunResult(out, state.best_val_acc, state.best_epoch, state.history)
+
+
+def summary(state: RunState, total: float, out: Path) -> None:
+    t = Table(title=f"tl_dist run: {out}")
+    for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
+        t.add_column(col, justify="right")
+    for r in state.history:
+        t.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}", f"{r['val_loss']:.4f}",
+                  f"{r['val_acc']:.4f}" + (" *" if r["epoch"] == state.best_epoch else ""), f"{r['lr']:.2g}",
+                  f"{r['seconds']:.1f}")
+    Console().print(t)
+    # Plain prints: scripts read these lines, and a console would wrap a long path.
+    print(f"total {total:.1f}s; best val acc {state.best_val_acc:.4f} at epoch {state.best_epoch}", flush=True)
+    print(f"best weights: {out / 'best.safetensors'}", flush=True)
