@@ -50,9 +50,9 @@ def flag_overrides(argv: Sequence[str]) -> list[str]:
 def parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune an ImageNet model on an ImageFolder data set, or train a new head on its "
-                    "frozen features. Overrides (section.key=value or --section.key=value) apply after the "
-                    "config file; the last one wins.",
+        description="Fine-tune an ImageNet model on an ImageFolder data set, or train a new head on its\n"
+                    "frozen features. Overrides (section.key=value or --section.key=value) apply after\n"
+                    "the config file; the last one wins.",
         epilog="config keys (section.key = default [allowed values]), set in the YAML file or as overrides:\n"
                + config.reference())
     p.add_argument("args", nargs="*", metavar="[CONFIG] section.key=value",
