@@ -218,3 +218,33 @@ def test_a_new_run_removes_temp_files_a_killed_run_left_and_prints_whole_paths(t
     assert not any(p.exists() for p in stale) and (out / ".notes.tmp").read_text() == "not tl_dist's"
     assert f"best weights: {out / 'best.safetensors'}\n" in r.stdout
     assert "epoch 0 (1 of 1)  train loss" in r.stdout
+
+
+def test_a_second_run_into_a_locked_run_directory_is_refused_before_touching_it(finetune_run, tiny_data, capsys):
+    """Two runs into one output_dir would interleave their files: while one holds the directory,
+    another gets one line naming the holder and changes nothing there."""
+    holder = checkpoint.RunLock()
+    holder.acquire(finetune_run)
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in finetune_run.iterdir()}
+    try:
+        assert _run(finetune_run, tiny_data, "train.epochs=5") == 2
+        after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in finetune_run.iterdir()}
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is in use by another run (pid {__import__('os').getpid()} on" in err
+    assert after == before
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_data, tmp_path):
+    """The kernel drops a killed process's lock; the next run goes ahead."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from tl_dist.checkpoint import RunLock; p = Path(sys.argv[1]); p.mkdir(); "
+                               "RunLock().acquire(p); print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    assert "pid" in (out / ".lock").read_text()  # what the dead holder left
+    assert _run(out, tiny_data, "train.epochs=1") == 0

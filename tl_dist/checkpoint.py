@@ -9,11 +9,15 @@ while the next epoch trains.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
 import pickle
+import socket
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -160,6 +164,52 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise UserError(f"checkpoint: resume state {path} is damaged or not tl_dist's: "
                         f"{str(e).splitlines()[0][:200]}") from None
+
+
+# ----------------------------------------------------------------------------- one writer per run directory
+
+class RunLock:
+    """An exclusive lock on a run directory (``.lock`` in it), held for the whole run.
+
+    Two runs writing into one directory would interleave their checkpoints and metrics. The lock is
+    ``flock``: the kernel releases it when its process ends in any way, so a lock left by a killed
+    run is taken over without a word. The file says who holds it (host, pid, start time) for the
+    message a second run gets.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def acquire(self, folder: Path) -> None:
+        path = folder / self.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                try:
+                    who = json.loads(holder)
+                    who = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+                except (ValueError, KeyError, TypeError):
+                    who = "another process"
+                raise UserError(f"train: {folder} is in use by another run ({who}); wait for it to end, "
+                                f"or choose another train.output_dir") from None
+            raise UserError(f"train: cannot lock {path} ({e.strerror}): this filesystem does not support "
+                            f"locks; choose a train.output_dir on a local or lock-capable filesystem") from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock; the file stays (removing it would race)
+            self._fd = None
 
 
 # ----------------------------------------------------------------------------- writing while training

@@ -51,21 +51,24 @@ def fit(cfg: Config) -> RunResult:
     Returns (or raises) only once every epoch's files are on disk.
     """
     writer = checkpoint.BackgroundWriter(background=write_in_background())
+    lock = checkpoint.RunLock()  # taken by rank 0 in set-up, released once every file is written
     try:
         with StopRequest() as stop:
-            result = _fit(cfg, stop, writer)
+            result = _fit(cfg, stop, writer, lock)
     except BaseException:
         try:  # keep the last complete epoch; the error in flight is the one to report
             writer.close()
         except Exception as e:
             print(f"warning: {one_line(e)}", file=sys.stderr, flush=True)
+        lock.release()
         raise
     writer.close()
+    lock.release()
     return result
 
 
-def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter) -> RunResult:
-    run = set_up(cfg)
+def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lock: checkpoint.RunLock) -> RunResult:
+    run = set_up(cfg, lock)
     acc, state, d = run.accelerator, run.state, run.data
     t_run, interrupted = time.perf_counter(), 0
     for epoch in range(state.next_epoch, cfg.train.epochs):
@@ -133,7 +136,7 @@ class Run:
             self.step = self.step.fallback
 
 
-def set_up(cfg: Config) -> Run:
+def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     """Accelerator, data, model, resume state, optimizer, train step and the run's first files."""
     accelerator, mp = make_accelerator(cfg)
     main_proc = accelerator.is_main_process
@@ -143,7 +146,7 @@ def set_up(cfg: Config) -> Run:
     log = functools.partial(print, flush=True) if main_proc else (lambda msg: None)
 
     out = Path(cfg.train.output_dir)
-    agree(accelerator, lambda: prepare_output_dir(out) if main_proc else None)
+    agree(accelerator, lambda: prepare_output_dir(out, lock) if main_proc else None)
     seed_everything(cfg.train.seed)
 
     d = prepare_data(cfg, accelerator, log)
@@ -210,13 +213,11 @@ def set_up(cfg: Config) -> Run:
                HeadInputs() if keep_features else None)
 
 
-def prepare_output_dir(path: Path) -> None:
-    """Create it, check it is writable, and remove temp files a killed run of ours left there."""
+def prepare_output_dir(path: Path, lock: checkpoint.RunLock) -> None:
+    """Create it, lock it (one run at a time), and remove temp files a killed run of ours left there."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        lock.acquire(path)  # before anything else here is touched
     except OSError as e:
         raise UserError(f"train: train.output_dir {path} is not writable: {e.strerror}; "
                         f"choose another with train.output_dir=PATH") from None
