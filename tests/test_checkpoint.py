@@ -101,3 +101,18 @@ def test_background_writer_raises_a_failed_write():
     w.submit(fail)
     with pytest.raises(UserError, match="disk full"):
         w.close()
+
+
+def test_written_files_get_the_mode_open_would_give_them(tmp_path):
+    """Temp files are created 0600; what is renamed into place must be readable as the umask says
+    (teammates on a shared filesystem read the checkpoints)."""
+    import subprocess
+    import sys
+    code = ("import os, sys; os.umask(int(sys.argv[2], 8)); from tl_dist import checkpoint; "
+            "checkpoint.atomic_write(sys.argv[1] + '/a.bin', b'x'); open(sys.argv[1] + '/b.bin', 'w').close()")
+    for umask in ("022", "027", "077"):
+        d = tmp_path / umask
+        d.mkdir()
+        subprocess.run([sys.executable, "-c", code, str(d), umask], check=True,
+                       cwd=__import__("tests.conftest", fromlist=["ROOT"]).ROOT)
+        assert (d / "a.bin").stat().st_mode & 0o777 == (d / "b.bin").stat().st_mode & 0o777 == 0o666 & ~int(umask, 8)

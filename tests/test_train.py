@@ -248,3 +248,8 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_data, tmp_path):
     holder.wait()
     assert "pid" in (out / ".lock").read_text()  # what the dead holder left
     assert _run(out, tiny_data, "train.epochs=1") == 0
+
+
+def test_every_file_of_a_run_has_the_same_mode_as_its_pictures(finetune_run):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in finetune_run.iterdir() if not p.name.startswith(".")}
+    assert len(set(modes.values())) == 1, modes
