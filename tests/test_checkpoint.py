@@ -9,7 +9,9 @@ from tl_dist.errors import UserError
 
 
 def _meta(n=2):
-    return {"classes": [f"c{i}" for i in range(n)], "num_classes": n, "arch": "resnet18"}
+    """The metadata every reader needs (as training writes it)."""
+    return {"classes": [f"c{i}" for i in range(n)], "num_classes": n, "arch": "resnet18", "image_size": 32,
+            "resize_size": 36, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 def test_round_trip_metadata_in_header_and_json(tmp_path):

@@ -47,6 +47,8 @@ def test_yaml_bare_no_means_no(tmp_path):
     ("optim:\n  backbone_lr: -1\n", "optim.backbone_lr (in {f}) must be a positive number"),
     ("data:\n  batch_size: 0\n", "data.batch_size (in {f}) must be a positive integer"),
     ("train:\n  plots: maybe\n", "train.plots (in {f}) must be true or false"),
+    ("data:\n  image_size: 100000\n", "data.image_size (in {f}) must be an integer from 1 to 4096"),
+    ("data:\n  image_size: 300\n", "data.resize_size (256) must be at least data.image_size (300)"),
     ("- a\n- b\n", "must hold a mapping"),
     ("train: [\n", "is not valid YAML"),
 ])

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import pickle
 import socket
@@ -26,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from .config import MAX_IMAGE_SIZE as MAX_SIZE
 from .errors import UserError
 
 FORMAT = "tl_dist/1"
@@ -140,7 +142,53 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"checkpoint: {p} has metadata format {meta.get('format') if isinstance(meta, dict) else '?'!r}, "
                         f"expected {FORMAT!r}")
+    problem = metadata_problem(meta)
+    if problem:
+        raise UserError(f"checkpoint: {p} is damaged or not a tl_dist checkpoint: {problem}")
     return meta
+
+
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _size(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
+
+
+def metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's metadata, or None: every field a reader uses, checked
+    before anything is allocated from it (the file may come from anywhere)."""
+    import torchvision
+
+    classes = meta.get("classes")
+    checks = (
+        ("classes", isinstance(classes, list) and len(classes) > 0
+         and all(isinstance(c, str) and c for c in classes) and len(set(classes)) == len(classes),
+         "a list of unique, non-empty class names"),
+        ("num_classes", isinstance(classes, list) and meta.get("num_classes") == len(classes)
+         and not isinstance(meta.get("num_classes"), bool), "the number of classes"),
+        ("arch", isinstance(meta.get("arch"), str)
+         and meta["arch"] in torchvision.models.list_models(module=torchvision.models), "a torchvision model name"),
+        ("image_size", _size(meta.get("image_size")), f"an integer from 1 to {MAX_SIZE}"),
+        ("resize_size", _size(meta.get("resize_size")) and _size(meta.get("image_size"))
+         and meta["resize_size"] >= meta["image_size"], f"an integer from image_size to {MAX_SIZE}"),
+        ("mean", isinstance(meta.get("mean"), list) and len(meta["mean"]) == 3 and all(map(_number, meta["mean"])),
+         "three finite numbers"),
+        ("std", isinstance(meta.get("std"), list) and len(meta["std"]) == 3
+         and all(_number(s) and s > 0 for s in meta["std"]), "three finite positive numbers"),
+        ("epoch", "epoch" not in meta or (isinstance(meta["epoch"], int) and not isinstance(meta["epoch"], bool)
+                                          and meta["epoch"] >= 0), "an epoch number"),
+        ("val_acc", "val_acc" not in meta or (_number(meta["val_acc"]) and 0 <= meta["val_acc"] <= 1),
+         "a number from 0 to 1"),
+    )
+    for key, ok, expected in checks:
+        if not ok:
+            shown = repr(meta.get(key))
+            return f"metadata {key} is {shown[:60]}{'...' if len(shown) > 60 else ''}, expected {expected}"
+    return None
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import UserError
 
+MAX_IMAGE_SIZE = 4096  # larger crops would allocate gigabytes per image
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -112,8 +113,8 @@ class Config:
 
 # Range checks that a type alone cannot express: key -> (predicate, what is expected).
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "data.image_size": (lambda v: v > 0, "a positive integer"),
-    "data.resize_size": (lambda v: v > 0, "a positive integer"),
+    "data.image_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
+    "data.resize_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
     "data.batch_size": (lambda v: v > 0, "a positive integer"),
     "data.eval_batch_size": (lambda v: v >= 0, "0 (auto) or a positive integer"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
@@ -137,6 +138,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 def validate(cfg: Config, source: str) -> None:
     """Rules between keys, checked once everything is set."""
+    if cfg.data.resize_size < cfg.data.image_size:
+        raise UserError(f"config: data.resize_size ({cfg.data.resize_size}) must be at least data.image_size "
+                        f"({cfg.data.image_size}): val images are resized, then centre-cropped (in {source})")
     m = cfg.model
     if m.mode == "frozen_then_finetune":
         if m.unfreeze_epoch is None:

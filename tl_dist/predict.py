@@ -37,10 +37,7 @@ class Predictor:
         from . import checkpoint
         from .model import create
 
-        state, meta = checkpoint.load_weights(checkpoint.resolve(path))
-        for key in ("arch", "image_size", "resize_size", "mean", "std"):
-            if key not in meta:
-                raise UserError(f"checkpoint: {path}: metadata lacks {key!r}; not a tl_dist checkpoint?")
+        state, meta = checkpoint.load_weights(checkpoint.resolve(path))  # metadata checked there
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
