@@ -6,7 +6,7 @@ from PIL import Image
 
 from tl_dist import train
 
-from .conftest import FAST, ROOT, run_cli
+from .conftest import FAST, ROOT, make_images, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -65,3 +65,33 @@ def test_save_plot(run_dir, tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     with Image.open(tmp_path / "p.png") as im:
         assert im.width >= 224 and im.height >= 224
+
+
+def test_names_from_files_never_reach_the_terminal_as_control_sequences(tmp_path, tiny_data):
+    """Class names come from checkpoint metadata and paths from the user's folders; escape
+    sequences in them are shown escaped in tables and errors, and kept exact in JSON."""
+    import torch
+
+    from tl_dist import checkpoint, model
+    evil = ["ants\x1b]0;pwned\x07", "bees\x1b[2J[bold]x[/bold]"]
+    meta = {"classes": evil, "num_classes": 2, "arch": "resnet18", "image_size": 32, "resize_size": 36,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.manual_seed(0)
+    checkpoint.save_weights(tmp_path / "best.safetensors", model.create("resnet18", 2).state_dict(), meta)
+    img = next((tiny_data / "val" / "ants").iterdir())
+    missing = tmp_path / "gone\x1b[31m.jpg"
+    r = run_cli("-m", "tl_dist.predict", str(img), str(missing), "--checkpoint", str(tmp_path), "--topk", "2")
+    assert r.returncode == 1
+    for stream in (r.stdout, r.stderr):
+        assert "\x1b" not in stream and "\x07" not in stream
+    assert "\\x1b]0;pwned\\x07" in r.stdout and "[bold]x[/bold]" in r.stdout  # shown, not obeyed
+    assert "gone\\x1b[31m.jpg" in r.stderr
+    r = run_cli("-m", "tl_dist.predict", str(img), "--checkpoint", str(tmp_path), "--json", "--topk", "2")
+    assert {t["label"] for t in json.loads(r.stdout)["topk"]} == set(evil)  # JSON: exact
+
+
+def test_training_refuses_class_folders_with_control_characters(tmp_path):
+    root = make_images(tmp_path / "d", {"train": {"a\x1b[31m": 2, "b": 2}, "val": {"a\x1b[31m": 1, "b": 1}})
+    r = run_cli("-m", "tl_dist.train", *FAST, f"data.root={root}", f"train.output_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and "\x1b" not in r.stderr
+    assert "has control characters in its name; rename it" in r.stderr.splitlines()[-1]

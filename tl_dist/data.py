@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import eval_transform, sample_rng, train_transform
 from .config import DataConfig
-from .errors import UserError
+from .errors import UserError, printable
 from . import device_data
 from .images import IMAGE_EXTENSIONS, BadImage, list_images, load_rgb
 
@@ -37,6 +37,9 @@ def list_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
         raise UserError(f"data: split folder not found: {d} (data.root must hold train/ and val/, "
                         f"one sub-folder per class)")
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    for c in classes:
+        if printable(c) != c:  # the name would reach terminals, checkpoints and plots as it is
+            raise UserError(f"data: class folder {d / c} has control characters in its name; rename it")
     if not classes:
         raise UserError(f"data: {d} has no class sub-folders (expected {d}/<class>/<image>)")
     samples = [(path, ci) for ci, c in enumerate(classes) for path in list_images(os.path.join(d, c))]

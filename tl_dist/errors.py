@@ -1,4 +1,9 @@
-"""The one exception type that means "the user gave us something wrong"."""
+"""The one exception type that means "the user gave us something wrong", and text made safe to print."""
+
+import unicodedata
+
+# Bidirectional overrides and isolates: they reorder what a terminal shows (spoofed names).
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class UserError(Exception):
@@ -10,5 +15,19 @@ class UserError(Exception):
     exit_code = 2
 
 
-def one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``), not obeyed by the terminal.
+
+    Class names, paths and file contents reach the terminal; a name holding an escape sequence
+    could otherwise retitle the window, recolour or clear the screen, or hide what follows.
+    """
+    return "".join(_escape(c) if unicodedata.category(c) == "Cc" or c in _BIDI else c for c in str(text))
+
+
+def _escape(c: str) -> str:
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def one_line(msg: object) -> str:
+    """An error or warning for the terminal: one line, control characters escaped."""
+    return printable(" ".join(str(msg).split()))

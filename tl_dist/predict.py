@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import UserError, one_line
+from .errors import UserError, one_line, printable
 
 DEFAULT_RUNS = Path("runs")
 
@@ -133,7 +133,11 @@ def save_plot(predictor: Predictor, results: list[dict], path: str) -> None:
 
 def print_table(results: list[dict], k: int) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    def cell(text: str) -> str:  # names from files: neither terminal escapes nor rich markup
+        return escape(printable(text))
 
     t = Table()
     t.add_column("image", overflow="fold")
@@ -144,9 +148,9 @@ def print_table(results: list[dict], k: int) -> None:
     for r in results:
         if "error" in r:
             continue
-        row = [r["path"], r["label"], f"{r['prob']:.3f}"]
+        row = [cell(r["path"]), cell(r["label"]), f"{r['prob']:.3f}"]
         if k > 1:
-            row.append(", ".join(f"{e['label']} {e['prob']:.3f}" for e in r["topk"]))
+            row.append(cell(", ".join(f"{e['label']} {e['prob']:.3f}" for e in r["topk"])))
         t.add_row(*row)
     # Piped output has no terminal width; keep whole paths on one line there.
     Console(width=None if sys.stdout.isatty() else 200).print(t)
@@ -175,7 +179,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
             raise UserError("predict: --batch-size must be 1 or more")
         ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
         if not args.checkpoint and not args.json:
-            print(f"using checkpoint {ckpt}", file=sys.stderr)
+            print(f"using checkpoint {printable(ckpt)}", file=sys.stderr)
         paths = expand(args.images)
         if not paths:
             raise UserError(f"predict: no image files found in {' '.join(args.images)}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, checkpoint, config, data, demo, host_memory, recipe, visualize
@@ -30,7 +31,7 @@ from .config import Config
 from .distributed import (StopRequest, agree, assert_ranks_in_sync, gather_objects, make_accelerator,
                           on_main_then_share, rewrap_unfrozen, share_buffers)
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
-from .errors import UserError, one_line
+from .errors import UserError, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
 from .runstate import RunState, read_resume, rng_state, save_epoch, seed_everything, set_rng_state
@@ -120,7 +121,7 @@ class Run:
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
-            print(msg, flush=True)
+            print(printable(msg), flush=True)
 
     def unfreeze(self, epoch: int) -> None:
         self.net = rewrap_unfrozen(self.accelerator, self.net)
@@ -143,7 +144,7 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
         host_memory.keep_freed_memory()
     check_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp)
-    log = functools.partial(print, flush=True) if main_proc else (lambda msg: None)
+    log = (lambda msg: print(printable(msg), flush=True)) if main_proc else (lambda msg: None)
 
     out = Path(cfg.train.output_dir)
     agree(accelerator, lambda: prepare_output_dir(out, lock) if main_proc else None)
@@ -355,7 +356,7 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
 
 
 def summary(state: RunState, total: float, out: Path) -> None:
-    t = Table(title=f"tl_dist run: {out}")
+    t = Table(title=f"tl_dist run: {escape(printable(out))}")
     for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
         t.add_column(col, justify="right")
     for r in state.history:
@@ -365,4 +366,4 @@ def summary(state: RunState, total: float, out: Path) -> None:
     Console().print(t)
     # Plain prints: scripts read these lines, and a console would wrap a long path.
     print(f"total {total:.1f}s; best val acc {state.best_val_acc:.4f} at epoch {state.best_epoch}", flush=True)
-    print(f"best weights: {out / 'best.safetensors'}", flush=True)
+    print(f"best weights: {printable(out / 'best.safetensors')}", flush=True)
