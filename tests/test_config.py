@@ -98,3 +98,37 @@ def test_backbone_lr_null_means_lr():
     c = config.load(None, ["optim.lr=0.01", "optim.backbone_lr=1e-4", "scheduler.step_size=2"])
     assert lrs_at(c, 2) == pytest.approx([0.001, 1e-5])
     assert lrs_at(config.load(None, ["model.mode=frozen"]), 0) == [0.001]  # fc only
+
+
+# "Billion laughs": nine levels of nine aliases each, about 10^9 items if anything expanded it.
+BOMB = "[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]"
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("data:\n  mean: " + BOMB + "\n", "data.mean[0] (in {f}) must be a number, got ["),
+    ("train:\n  output_dir: " + BOMB + "\n", "train.output_dir (in {f}) must be a string, got ["),
+    ("train:\n  epochs: 2\n  epochs: 3\n", "key 'epochs' given twice"),
+    (b"train:\n  output_dir: \xff\xfe\n", "cannot read"),
+    (bytes(range(256)) * 8, "cannot read"),
+    ("# " + "x" * (2 << 20) + "\n", "is 2.0 MiB, not a config file"),
+    ("scheduler:\n  gamma: 1e308\n", "scheduler.gamma (in {f}) must be a number in (0, 1]"),
+    ("train:\n  seed: -1\n", "train.seed (in {f}) must be an integer from 0"),
+    ("optim:\n  lr: .inf\n", "optim.lr (in {f}) must be a finite number"),
+    ("data:\n  mean: [.nan, 0, 0]\n", "data.mean[0] (in {f}) must be a finite number"),
+    ("train:\n  output_dir: ''\n", "train.output_dir (in {f}) must be a folder path (not empty)"),
+    ("data:\n  num_workers: 100000\n", "data.num_workers (in {f}) must be from 0 to 256"),
+    ("optim:\n  lr: 1e400\n", "optim.lr (in {f}) must be a finite number"),
+])
+def test_abusive_config_files_get_one_short_line(tmp_path, content, needle):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(UserError) as e:
+        config.load(f)
+    msg = str(e.value)
+    assert needle.format(f=f) in msg and len(msg) < 600
+
+
+def test_abusive_override_on_the_command_line_is_one_line():
+    r = run_cli("-m", "tl_dist.train", "configs/demo.yaml", "train.seed=-1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train.seed" in r.stderr

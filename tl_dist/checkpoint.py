@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import MAX_IMAGE_SIZE as MAX_SIZE
-from .errors import UserError
+from .errors import UserError, first_line
 
 FORMAT = "tl_dist/1"
 META_KEY = "tl_dist"
@@ -231,8 +231,9 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"checkpoint: resume state not found: {path}") from None
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UserError(f"checkpoint: resume state {path} is damaged or not tl_dist's: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"checkpoint: resume state {path} is damaged or not tl_dist's ({first_line(e)}); "
+                        f"delete it to start afresh, or set train.resume=none with another "
+                        f"train.output_dir") from None
 
 
 # ----------------------------------------------------------------------------- one writer per run directory

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,7 +119,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.resize_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
     "data.batch_size": (lambda v: v > 0, "a positive integer"),
     "data.eval_batch_size": (lambda v: v >= 0, "0 (auto) or a positive integer"),
-    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.num_workers": (lambda v: 0 <= v <= 256, "from 0 to 256"),
     "data.cache_gb": (lambda v: v >= 0, "0 or more"),
     "data.device_cache_gb": (lambda v: v is None or v >= 0, "0 or more, or null for half the GPU's memory"),
     "data.mean": (lambda v: len(v) == 3, "a list of 3 numbers"),
@@ -130,8 +132,12 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "scheduler.step_size": (lambda v: v > 0, "a positive integer"),
-    "scheduler.gamma": (lambda v: v > 0, "a positive number"),
-    "train.epochs": (lambda v: v > 0, "a positive integer"),
+    "scheduler.gamma": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "train.epochs": (lambda v: 0 < v <= 1_000_000, "a positive integer"),
+    "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32-1"),
+    "train.output_dir": (lambda v: v.strip() != "", "a folder path (not empty)"),
+    "train.resume": (lambda v: v.strip() != "", "auto, none or a run directory"),
+    "data.root": (lambda v: v.strip() != "", "a folder path (not empty)"),
     "train.grad_accum_steps": (lambda v: v > 0, "a positive integer"),
 }
 
@@ -149,6 +155,37 @@ def validate(cfg: Config, source: str) -> None:
     elif m.unfreeze_epoch is not None:
         raise UserError(f"config: model.unfreeze_epoch applies only to model.mode=frozen_then_finetune, "
                         f"this config has mode {m.mode} (in {source})")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 80, 80
+MAX_FILE_BYTES = 1 << 20  # a config is a few hundred bytes; anything near this is not one
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short: a YAML alias bomb expands to billions of items."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (YAML would keep the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            continue  # construct_mapping says what is wrong with it
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {_shown(key)} given twice",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def _type_name(tp: Any) -> str:
@@ -169,15 +206,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str, choices: tuple | None) -
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config: {where} must be a list, got {value!r}")
+            raise UserError(f"config: {where} must be a list, got {_shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]", source, None) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"config: {where} must be true or false, got {value!r}")
+            raise UserError(f"config: {where} must be true or false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config: {where} must be an integer, got {value!r}")
+            raise UserError(f"config: {where} must be an integer, got {_shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -186,14 +223,20 @@ def _coerce(value: Any, tp: Any, key: str, source: str, choices: tuple | None) -
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config: {where} must be a number, got {value!r}")
-        return float(value)
+            raise UserError(f"config: {where} must be a number, got {_shown(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise UserError(f"config: {where} must be a finite number, got {_shown(value)}")
+        return value
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise UserError(f"config: {where} must be a string, got {value!r}")
+            raise UserError(f"config: {where} must be a string, got {_shown(value)}")
         value = str(value)
         if choices and value not in choices:
-            raise UserError(f"config: {where} must be one of {'|'.join(choices)}, got {value!r}")
+            raise UserError(f"config: {where} must be one of {'|'.join(choices)}, got {_shown(value)}")
         return value
     raise TypeError(f"unsupported config type {_type_name(tp)} for {key}")  # a bug, not a user error
 
@@ -228,7 +271,7 @@ def set_key(cfg: Config, key: str, value: Any, source: str) -> None:
     v = _coerce(value, tp, key, source, f.metadata.get("choices"))
     check = _CHECKS.get(key)
     if check and not check[0](v):
-        raise UserError(f"config: {key} (in {source}) must be {check[1]}, got {value!r}")
+        raise UserError(f"config: {key} (in {source}) must be {check[1]}, got {_shown(value)}")
     setattr(section, f.name, v)
 
 
@@ -253,16 +296,20 @@ def _apply_mapping(cfg: Config, data: Any, source: str) -> None:
 def read_yaml(path: str | Path) -> Any:
     p = Path(path)
     try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"config: {p} is {size / 2**20:.1f} MiB, not a config file (they are a few hundred "
+                            f"bytes; at most {MAX_FILE_BYTES >> 20} MiB)")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"config: file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"config: cannot read {p}: {e}") from None
     try:
-        # safe_load: a YAML file never constructs Python objects (no !!python/object tags).
-        return yaml.safe_load(text)
+        # A safe loader: a YAML file never constructs Python objects (no !!python/object tags).
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
-        raise UserError(f"config: {p} is not valid YAML: {e}") from None
+        raise UserError(f"config: {p} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -28,6 +28,12 @@ def _escape(c: str) -> str:
     return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (some have none), for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 def one_line(msg: object) -> str:
     """An error or warning for the terminal: one line, control characters escaped."""
     return printable(" ".join(str(msg).split()))

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ModelConfig
-from .errors import UserError
+from .errors import UserError, first_line
 
 HEAD = "fc"  # the classifier that transfer learning replaces (torchvision ResNet family)
 
@@ -45,9 +45,9 @@ def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
     try:
         # Real loading path: torch hub cache, downloaded on first use with a hash check.
         return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # URLError is an OSError
         if target.exists():
-            raise UserError(f"model: cached ImageNet weights are damaged: {target} ({e}); delete the file "
+            raise UserError(f"model: cached ImageNet weights are damaged: {target} ({first_line(e)}); delete the file "
                             f"and run again with internet access") from None
         raise UserError(f"model: cannot get ImageNet weights for {arch} (offline?). Download {url} on a "
                         f"machine with internet and put it at {target} (or set TORCH_HOME), or use "
@@ -68,11 +68,11 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         # weights_only=True: a pickle that would run code is refused, not executed.
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        first = first_line(e, 160)
         raise UserError(f"model: refusing to load {p}: it holds Python objects beyond tensors, which could "
                         f"run code ({first[:160]}); convert it to a plain state dict or .safetensors") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UserError(f"model: cannot read weights file {p}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"model: cannot read weights file {p}: {first_line(e)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

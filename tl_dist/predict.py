@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import UserError, one_line, printable
+from .errors import UserError, first_line, one_line, printable
 
 DEFAULT_RUNS = Path("runs")
 
@@ -47,7 +47,7 @@ class Predictor:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise UserError(f"checkpoint: {path}: weights do not match arch {meta['arch']!r}: "
-                            f"{str(e).splitlines()[0][:200]}") from None
+                            f"{first_line(e)}") from None
         return cls(model.to(device), meta, device)
 
     def _tensor(self, item):
