@@ -114,9 +114,9 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """``path`` (.safetensors, metadata in its header) then ``path`` with .json beside it."""
     meta = {"format": FORMAT, **meta}
-    blob = save(_plain(state), metadata={META_KEY: json.dumps(meta)})
+    blob = save(_plain(state), metadata={META_KEY: json.dumps(meta, allow_nan=False)})  # strict JSON only
     atomic_write(path, blob)
-    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2, allow_nan=False) + "\n")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

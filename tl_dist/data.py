@@ -36,13 +36,20 @@ def list_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
     if not d.is_dir():
         raise UserError(f"data: split folder not found: {d} (data.root must hold train/ and val/, "
                         f"one sub-folder per class)")
-    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    # (__MACOSX: the resource forks macOS's zip puts beside the real folders)
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")
+                     and e.name != "__MACOSX")
     for c in classes:
         if printable(c) != c:  # the name would reach terminals, checkpoints and plots as it is
             raise UserError(f"data: class folder {d / c} has control characters in its name; rename it")
     if not classes:
         raise UserError(f"data: {d} has no class sub-folders (expected {d}/<class>/<image>)")
     samples = [(path, ci) for ci, c in enumerate(classes) for path in list_images(os.path.join(d, c))]
+    present = {ci for _, ci in samples}
+    empty = [c for ci, c in enumerate(classes) if ci not in present]
+    if samples and empty:
+        raise UserError(f"data: class folder(s) under {d} with no image files: {', '.join(empty[:5])}"
+                        f"{' ...' if len(empty) > 5 else ''}; add images or remove the folder(s)")
     if not samples:
         raise UserError(f"data: split {d} is empty: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                         f"under its class folders")

@@ -1,5 +1,7 @@
 """The one exception type that means "the user gave us something wrong", and text made safe to print."""
 
+import os
+import sys
 import unicodedata
 
 # Bidirectional overrides and isolates: they reorder what a terminal shows (spoofed names).
@@ -26,6 +28,15 @@ def printable(text: str) -> str:
 
 def _escape(c: str) -> str:
     return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def drop_stdout() -> None:
+    """Send the rest of stdout to /dev/null: its reader left (a closed pipe) or it cannot be written
+    (a full disk). Without this, Python's own flush at exit fails once more, with a traceback."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import UserError, first_line, one_line, printable
+from .errors import UserError, drop_stdout, first_line, one_line, printable
 
 DEFAULT_RUNS = Path("runs")
 
@@ -79,6 +79,10 @@ class Predictor:
             with torch.inference_mode():
                 probs = self.model(x).float().softmax(1).cpu()
             for (i, _), p in zip(ready, probs):
+                if not torch.isfinite(p).all():
+                    results[i] = {"path": _name(items[i]), "error": f"{_name(items[i])}: the model's output is not "
+                                  f"finite (damaged weights in the checkpoint?)"}
+                    continue
                 top = torch.topk(p, k)
                 results[i] = {"path": _name(items[i]), "label": self.classes[int(top.indices[0])],
                               "prob": float(top.values[0]),
@@ -180,6 +184,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
         if not args.checkpoint and not args.json:
             print(f"using checkpoint {printable(ckpt)}", file=sys.stderr)
+        if args.save_plot and not Path(args.save_plot).parent.is_dir():
+            raise UserError(f"predict: --save-plot {args.save_plot}: folder {Path(args.save_plot).parent} "
+                            f"does not exist")
         paths = expand(args.images)
         if not paths:
             raise UserError(f"predict: no image files found in {' '.join(args.images)}")
@@ -187,14 +194,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         k = min(args.topk or 3, len(predictor.classes))
         results = predictor.predict(paths, topk=k, batch_size=args.batch_size)
         failed = [r for r in results if "error" in r]
-        if args.json:
-            for r in results:
-                print(json.dumps(r))
-        else:
-            for r in failed:
-                print(f"error: {one_line(r['error'])}", file=sys.stderr)
-            if len(failed) < len(results):
-                print_table(results, k)
+        try:
+            if args.json:
+                for r in results:
+                    print(json.dumps(r, allow_nan=False))
+            else:
+                for r in failed:
+                    print(f"error: {one_line(r['error'])}", file=sys.stderr)
+                if len(failed) < len(results):
+                    print_table(results, k)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            drop_stdout()  # the reader left (predict ... | head -1) with what it wanted: say nothing
+            return 0
+        except OSError as e:
+            drop_stdout()
+            raise UserError(f"predict: writing the results failed: {e.strerror}") from None
         if args.save_plot:
             save_plot(predictor, results, args.save_plot)
     except UserError as e:

@@ -79,7 +79,8 @@ def save_epoch(out: Path, meta: dict, is_best: bool, state: dict) -> None:
         checkpoint.save_weights(out / "last.safetensors", state["model"], {**meta, "kind": "last"})
         if is_best:
             checkpoint.save_weights(out / "best.safetensors", state["model"], {**meta, "kind": "best"})
-        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n"
+                                                                           for r in state["history"]))
         checkpoint.save_state(out / RESUME_FILE, state)
     except OSError as e:
         raise UserError(f"checkpoint: writing epoch {meta['epoch']}'s files in {out} failed: {e}. The files of "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import math
 import platform
 import resource
 import signal
@@ -31,7 +31,7 @@ from .config import Config
 from .distributed import (StopRequest, agree, assert_ranks_in_sync, gather_objects, make_accelerator,
                           on_main_then_share, rewrap_unfrozen, share_buffers)
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
-from .errors import UserError, one_line, printable
+from .errors import UserError, drop_stdout, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
 from .runstate import RunState, read_resume, rng_state, save_epoch, seed_everything, set_rng_state
@@ -82,9 +82,11 @@ def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lo
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
+        check_finite("train", tr.loss, epoch, run)
         run.drop_failed_graphs()
         share_buffers(acc, run.net)
         va = evaluate(acc, run.net, d.val_loader, run.ctx, len(d.classes), epoch, run.head_inputs)
+        check_finite("val", va.loss, epoch, run)
         digest = assert_ranks_in_sync(acc, run.net, epoch)
         report_bad_images(cfg, d, tr, va, epoch, run.log)
         row = metrics_row(epoch, tr, va, lrs, run.ctx.frozen, digest, acc.device)
@@ -121,7 +123,7 @@ class Run:
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
-            print(printable(msg), flush=True)
+            say(msg)
 
     def unfreeze(self, epoch: int) -> None:
         self.net = rewrap_unfrozen(self.accelerator, self.net)
@@ -144,10 +146,10 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
         host_memory.keep_freed_memory()
     check_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp)
-    log = (lambda msg: print(printable(msg), flush=True)) if main_proc else (lambda msg: None)
+    log = say if main_proc else (lambda msg: None)
 
     out = Path(cfg.train.output_dir)
-    agree(accelerator, lambda: prepare_output_dir(out, lock) if main_proc else None)
+    agree(accelerator, lambda: prepare_output_dir(out, lock, cfg.train.resume) if main_proc else None)
     seed_everything(cfg.train.seed)
 
     d = prepare_data(cfg, accelerator, log)
@@ -157,7 +159,11 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     state = (on_main_then_share(accelerator, lambda: read_resume(cfg, identity)) if cfg.train.resume != "none"
              else None)
     if state is not None:
-        net.load_state_dict(state.model)
+        try:
+            net.load_state_dict(state.model)
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
+                            f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
         log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_val_acc:.4f} "
             f"at epoch {state.best_epoch})")
 
@@ -199,7 +205,11 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
         "data_path": d.describe(accelerator.device),
     }
     if main_proc:
-        checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
+        try:
+            checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
+        except OSError as e:
+            raise UserError(f"train: writing {out / 'config.yaml'} failed: {e.strerror}; free space (or fix "
+                            f"the folder) and run the same command again") from None
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
             f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
@@ -214,14 +224,20 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
                HeadInputs() if keep_features else None)
 
 
-def prepare_output_dir(path: Path, lock: checkpoint.RunLock) -> None:
-    """Create it, lock it (one run at a time), and remove temp files a killed run of ours left there."""
+def prepare_output_dir(path: Path, lock: checkpoint.RunLock, resume: str) -> None:
+    """Create it, lock it (one run at a time), refuse to start afresh over a run that is there, and
+    remove temp files a killed run of ours left."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         lock.acquire(path)  # before anything else here is touched
     except OSError as e:
         raise UserError(f"train: train.output_dir {path} is not writable: {e.strerror}; "
                         f"choose another with train.output_dir=PATH") from None
+    if resume == "none" and (path / "best.safetensors").exists():
+        best = checkpoint.read_metadata(path / "best.safetensors")
+        raise UserError(f"train: train.resume=none would start afresh in {path}, replacing its run (best val acc "
+                        f"{best['val_acc']:.4f} at epoch {best['epoch']}); choose another train.output_dir, or move "
+                        f"that run away first")
     checkpoint.remove_stale_temp_files(path)
 
 
@@ -237,6 +253,15 @@ def write_in_background() -> bool:
 
 
 # ----------------------------------------------------------------------------- data
+
+def say(msg: str) -> None:
+    """A progress line on stdout. A closed or full stdout (a pipe whose reader left, /dev/full)
+    loses the line but never the run: the files are what matters."""
+    try:
+        print(printable(msg), flush=True)
+    except OSError:
+        drop_stdout()
+
 
 def first_few(items: list[str], n: int) -> str:
     more = f" (and {len(items) - n} more)" if len(items) > n else ""
@@ -291,6 +316,17 @@ def report_bad_images(cfg: Config, d: data.Data, tr: EpochResult, va: EpochResul
 
 
 # ----------------------------------------------------------------------------- each epoch
+
+def check_finite(split: str, loss: float, epoch: int, run: Run) -> None:
+    """A NaN or infinite loss means the weights are gone: stop before this epoch is saved (every
+    rank sees the same reduced loss, so all stop together)."""
+    if math.isfinite(loss):
+        return
+    kept = (f"the last good epoch ({run.state.epoch}) is kept in {run.out}" if run.state.epoch >= 0
+            else "no epoch was saved")
+    raise UserError(f"train: the {split} loss became {loss} in epoch {epoch}; {kept}. Lower optim.lr "
+                    f"(it is {run.cfg.optim.lr}), check data.mean/data.std, or use train.mixed_precision=no")
+
 
 def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], frozen: bool,
                 digest: str | None, device: torch.device) -> dict:

@@ -1,0 +1,116 @@
+"""Traps found by trying tl_dist as a careless or hostile user would: each ends in one line and
+exit 2 (or a quiet, correct exit), never a traceback, and nothing the user had is lost."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tl_dist import checkpoint, train
+
+from .conftest import FAST, ROOT, make_images, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(out, data_dir, *over):
+    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
+                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    assert _run(out, tiny_data, "train.epochs=1") == 0
+    return out
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.split("\r")[-1]  # (after the progress bar's redraws)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_epoch(one_epoch, tiny_data, tmp_path,
+                                                                            capsys):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    assert _run(out, tiny_data, "train.epochs=3", "optim.lr=1e30") == 2
+    err = _one_error_line(capsys)
+    assert "loss became nan in epoch 1" in err or "loss became inf in epoch 1" in err
+    assert "the last good epoch (0) is kept" in err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert [r["epoch"] for r in rows] == [0]
+    assert checkpoint.load_state(out / "resume.pt")["epoch"] == 0
+    json.loads((out / "best.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in best.json"))
+
+
+def test_starting_afresh_over_a_run_is_refused(one_epoch, tiny_data, capsys):
+    best = (one_epoch / "best.safetensors").read_bytes()
+    assert _run(one_epoch, tiny_data, "train.epochs=1", "train.resume=none") == 2
+    assert "would start afresh in" in _one_error_line(capsys)
+    assert (one_epoch / "best.safetensors").read_bytes() == best
+
+
+def test_a_resume_state_that_does_not_fit_the_model_is_one_line(one_epoch, tiny_data, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    state = checkpoint.load_state(out / "resume.pt")
+    state["model"]["fc.weight"] = torch.zeros(2, 7)
+    checkpoint.save_state(out / "resume.pt", state)
+    assert _run(out, tiny_data, "train.epochs=2") == 2
+    assert "do not fit resnet18" in _one_error_line(capsys)
+    (out / "resume.pt").write_bytes(b"")  # empty: the error handler must not fail on an empty message
+    assert _run(out, tiny_data, "train.epochs=2") == 2
+    assert "is damaged or not tl_dist's" in _one_error_line(capsys)
+
+
+def test_disk_full_when_the_config_is_written_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    real = checkpoint.atomic_write_text
+
+    def full(path, text):
+        if str(path).endswith("config.yaml"):
+            raise OSError(28, "No space left on device")
+        real(path, text)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full)
+    assert _run(tmp_path / "run", tiny_data, "train.epochs=1") == 2
+    assert "config.yaml failed: No space left on device" in _one_error_line(capsys)
+
+
+def test_empty_class_folders_are_refused_and_macos_zip_folders_ignored(tmp_path, capsys):
+    root = make_images(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {"a": 2, "b": 2}})
+    for split in ("train", "val"):
+        (root / split / "__MACOSX").mkdir()
+    assert _run(tmp_path / "ok", root, "train.epochs=1") == 0
+    assert json.loads((tmp_path / "ok" / "best.json").read_text())["classes"] == ["a", "b"]
+    capsys.readouterr()
+    (root / "train" / "c").mkdir()
+    (root / "val" / "c").mkdir()
+    assert _run(tmp_path / "bad", root, "train.epochs=1") == 2
+    assert "with no image files: c" in _one_error_line(capsys)
+
+
+def test_predictor_output_into_a_closed_pipe_a_full_disk_or_a_missing_folder(one_epoch, tiny_data, tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    cmd = f"{sys.executable} -m tl_dist.predict {tiny_data / 'val'} --checkpoint {one_epoch} --json"
+    r = subprocess.run(f"{cmd} --batch-size 1 | head -1", shell=True, capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+    assert len(r.stdout.splitlines()) == 1 and r.stderr == ""
+    r = subprocess.run(f"{cmd} > /dev/full", shell=True, capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "writing the results failed" in r.stderr
+    r = run_cli("-m", "tl_dist.predict", str(tiny_data / "val"), "--checkpoint", str(one_epoch),
+                "--save-plot", str(tmp_path / "missing" / "p.png"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+
+
+def test_training_with_stdout_on_a_full_disk_still_trains(tiny_data, tmp_path):
+    r = subprocess.run(f"{sys.executable} -m tl_dist.train " + " ".join(
+        [*FAST, f"data.root={tiny_data}", f"train.output_dir={tmp_path / 'run'}", "train.epochs=1"]) + " > /dev/full",
+        shell=True, capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                                     "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "best.safetensors").exists()
