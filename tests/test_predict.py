@@ -95,3 +95,9 @@ def test_training_refuses_class_folders_with_control_characters(tmp_path):
     r = run_cli("-m", "tl_dist.train", *FAST, f"data.root={root}", f"train.output_dir={tmp_path / 'o'}")
     assert r.returncode == 2 and "\x1b" not in r.stderr
     assert "has control characters in its name; rename it" in r.stderr.splitlines()[-1]
+
+
+def test_predicting_with_the_resume_state_says_which_file_to_use(run_dir, tiny_data):
+    r = run_cli("-m", "tl_dist.predict", str(tiny_data / "val"), "--checkpoint", str(run_dir / "resume.pt"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "is a resume state" in r.stderr and str(run_dir / "best.safetensors") in r.stderr

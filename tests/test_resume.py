@@ -79,3 +79,30 @@ def test_sigterm_stops_promptly_resumable(tiny_data, tmp_path, uninterrupted):
     assert r.returncode == 0, r.stderr
     assert _same(load_file(str(out / "last.safetensors")), uninterrupted[0])
 
+
+
+def test_a_resume_says_what_changed_and_the_run_directory_keeps_the_history(tiny_data, tmp_path):
+    """Data or settings changed between segments: the resumed run says so (epochs extended is the
+    normal case, not news), keeps the first run's config.yaml and appends the changes to resumes.jsonl."""
+    import shutil
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    out = tmp_path / "run"
+    cmd = [*_cmd(data_dir, out)[:-2], f"train.output_dir={out}"]
+    r = subprocess.run([*cmd, "train.epochs=1"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first_config = (out / "config.yaml").read_bytes()
+    r = subprocess.run([*cmd, "train.epochs=2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "note: changed" not in r.stdout  # more epochs: nothing to report
+    shutil.copy(next((data_dir / "train" / "ants").iterdir()), data_dir / "train" / "ants" / "new.jpg")
+    r = subprocess.run([*cmd, "train.epochs=3", "data.batch_size=2", "optim.lr=0.02"], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    note = next(line for line in r.stdout.splitlines() if line.startswith("note: changed since epoch 1"))
+    assert "train images 22 -> 23" in note and "data.batch_size 4 -> 2" in note and "optim.lr 0.01 -> 0.02" in note
+    assert "train.epochs" not in note
+    assert (out / "config.yaml").read_bytes() == first_config
+    lines = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
+    assert [x["after_epoch"] for x in lines] == [0, 1] and lines[0]["changes"] == {}
+    assert lines[1]["changes"]["data.batch_size"] == [4, 2] and lines[1]["changes"]["train images"] == [22, 23]

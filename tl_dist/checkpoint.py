@@ -34,7 +34,7 @@ FORMAT = "tl_dist/1"
 META_KEY = "tl_dist"
 # The files a training run writes into its output directory (the pictures are written in place).
 RUN_FILES = ("best.safetensors.", "best.json.", "last.safetensors.", "last.json.", "metrics.jsonl.", "resume.pt.",
-             "config.yaml.")
+             "config.yaml.", "resumes.jsonl.")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -125,6 +125,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         with open(p, "rb") as f:
             head = f.read(8)
+            if head[:4] == b"PK\x03\x04":  # a torch.save zip: resume.pt, or a .pth
+                raise UserError(f"checkpoint: {p} is a resume state or a torch file (what training continues "
+                                f"from), not a tl_dist model checkpoint; use {p.parent / 'best.safetensors'} "
+                                f"(or give the run directory)")
             if len(head) != 8:
                 raise ValueError("file too short for a safetensors header")
             n = int.from_bytes(head, "little")

@@ -8,7 +8,9 @@ Knows nothing about processes: the trainer gathers the ranks' RNG states and sha
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +43,8 @@ class RunState:
     model: dict[str, torch.Tensor] | None = None  # the weights at the end of ``epoch``
     optimizer: dict | None = None
     rng: list[dict] = field(default_factory=list)  # each rank's RNG states, in rank order
+    data: dict | None = None  # data_fingerprint() of the data the last segment trained on
+    config: dict | None = None  # the resolved config of the last segment (a resume may change it)
 
     @property
     def next_epoch(self) -> int:
@@ -115,6 +119,58 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
             state.best_val_acc, state.best_epoch = on_disk["val_acc"], on_disk["epoch"]
             state.best_model = checkpoint.load_weights(best)[0]
     return state
+
+
+# ----------------------------------------------------------------------------- what changed at a resume
+
+# Keys whose change at a resume is the normal case, not news.
+EXPECTED_CHANGES = ("train.epochs", "train.resume")
+
+
+def data_fingerprint(train: list[tuple[str, int]], val: list[tuple[str, int]]) -> dict:
+    """Per split: the image count and a hash of every (path, size, class); what a resume compares."""
+    def split(samples: list[tuple[str, int]]) -> dict:
+        h = hashlib.blake2b(digest_size=12)
+        for path, label in samples:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            h.update(f"{path}\0{size}\0{label}\n".encode("utf-8", "surrogateescape"))
+        return {"images": len(samples), "hash": h.hexdigest()}
+    return {"train": split(train), "val": split(val)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changes(state: RunState, data: dict, config: dict) -> dict[str, list]:
+    """What differs between the saved segment and this one: {"data.train images" | "section.key": [old, new]}."""
+    out: dict[str, list] = {}
+    for split in ("train", "val") if state.data else ():
+        old, new = state.data[split], data[split]
+        if old["images"] != new["images"]:
+            out[f"{split} images"] = [old["images"], new["images"]]
+        elif old["hash"] != new["hash"]:
+            out[f"{split} files"] = ["changed", f"same count ({new['images']}), other files or sizes"]
+    if state.config:
+        old, new = _flat(state.config), _flat(config)
+        out.update({k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+                    if k not in EXPECTED_CHANGES and old.get(k) != new.get(k)})
+    return out
+
+
+def record_resume(out: Path, after_epoch: int, changed: dict[str, list]) -> None:
+    """Append this segment's changes to ``resumes.jsonl``: with the first run's ``config.yaml`` it
+    tells how the weights were made."""
+    log = out / "resumes.jsonl"
+    before = log.read_text(encoding="utf-8") if log.exists() else ""
+    line = json.dumps({"after_epoch": after_epoch, "changes": changed}, allow_nan=False)
+    checkpoint.atomic_write_text(log, before + line + "\n")
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -34,7 +34,8 @@ from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, 
 from .errors import UserError, drop_stdout, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
-from .runstate import RunState, read_resume, rng_state, save_epoch, seed_everything, set_rng_state
+from .runstate import (RunState, changes, data_fingerprint, read_resume, record_resume, rng_state, save_epoch,
+                       seed_everything, set_rng_state)
 
 
 @dataclass
@@ -204,12 +205,9 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
         "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
         "data_path": d.describe(accelerator.device),
     }
+    state = state or RunState()
     if main_proc:
-        try:
-            checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
-        except OSError as e:
-            raise UserError(f"train: writing {out / 'config.yaml'} failed: {e.strerror}; free space (or fix "
-                            f"the folder) and run the same command again") from None
+        note_segment(cfg, out, state, data_fingerprint(d.train.samples, d.val.samples), log)
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
             f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
@@ -220,8 +218,29 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     # they fit the host cache budget (fp32 size, an upper bound: one vector per val image).
     feature_bytes = len(d.val) * getattr(accelerator.unwrap_model(net), model_lib.HEAD).in_features * 4
     keep_features = frozen and cfg.model.frozen_bn == "eval" and feature_bytes <= cfg.data.cache_gb * 2**30
-    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state or RunState(), meta,
+    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta,
                HeadInputs() if keep_features else None)
+
+
+def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, log) -> None:
+    """The run directory's account of how its weights are made (rank 0): a fresh run writes its
+    config.yaml; a resume keeps it, says what changed since (data, settings) and appends that to
+    resumes.jsonl. The state then describes this segment."""
+    now = cfg.to_dict()
+    target = out / ("config.yaml" if state.epoch < 0 else "resumes.jsonl")
+    try:
+        if state.epoch < 0:
+            checkpoint.atomic_write_text(out / "config.yaml", config.dump(cfg))
+        else:
+            changed = changes(state, data_fp, now)
+            if changed:
+                log("note: changed since epoch {}: {}".format(state.epoch, "; ".join(
+                    f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())))
+            record_resume(out, state.epoch, changed)
+    except OSError as e:
+        raise UserError(f"train: writing {target} failed: {e.strerror}; free space (or fix the folder) and run "
+                        f"the same command again") from None
+    state.data, state.config = data_fp, now
 
 
 def prepare_output_dir(path: Path, lock: checkpoint.RunLock, resume: str) -> None:
