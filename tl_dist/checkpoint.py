@@ -248,41 +248,60 @@ class RunLock:
     Two runs writing into one directory would interleave their checkpoints and metrics. The lock is
     ``flock``: the kernel releases it when its process ends in any way, so a lock left by a killed
     run is taken over without a word. The file says who holds it (host, pid, start time) for the
-    message a second run gets.
+    message a second run gets, and goes when the run ends.
     """
 
     NAME = ".lock"
 
     def __init__(self) -> None:
         self._fd: int | None = None
+        self._path: Path | None = None
 
     def acquire(self, folder: Path) -> None:
         path = folder / self.NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                os.close(fd)
+                self._refuse(path, e, holder)
+            # The holder before us removes the file as it lets go; if it did so between our open and
+            # our flock, we hold a lock on a removed file: take the new one instead.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                try:
-                    who = json.loads(holder)
-                    who = f"pid {who['pid']} on {who['host']}, started {who['started']}"
-                except (ValueError, KeyError, TypeError):
-                    who = "another process"
-                raise UserError(f"train: {folder} is in use by another run ({who}); wait for it to end, "
-                                f"or choose another train.output_dir") from None
-            raise UserError(f"train: cannot lock {path} ({e.strerror}): this filesystem does not support "
-                            f"locks; choose a train.output_dir on a local or lock-capable filesystem") from None
         info = {"host": socket.gethostname(), "pid": os.getpid(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._fd = fd
+        self._fd, self._path = fd, path
+
+    @staticmethod
+    def _refuse(path: Path, e: OSError, holder: str) -> None:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            try:
+                who = json.loads(holder)
+                who = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise UserError(f"train: {path.parent} is in use by another run ({who}); wait for it to end, "
+                            f"or choose another train.output_dir") from None
+        raise UserError(f"train: cannot lock {path} ({e.strerror}): this filesystem does not support "
+                        f"locks; choose a train.output_dir on a local or lock-capable filesystem") from None
 
     def release(self) -> None:
+        """Remove the file, then let go (a killed run leaves it, unlocked: the next run takes it over)."""
         if self._fd is not None:
-            os.close(self._fd)  # closing releases the lock; the file stays (removing it would race)
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+            os.close(self._fd)
             self._fd = None
 
 
