@@ -92,6 +92,8 @@ class TrainSection:
     resume: str = _key("auto", "auto: continue output_dir's run if there is one; none: start fresh; or a run "
                        "directory / resume.pt to continue from")
     grad_accum_steps: int = _key(1, "micro-batches per optimizer step")
+    collective_timeout: int = _key(1800, "seconds a process waits for the others in a collective before the "
+                                   "job ends with an error (a process frozen or hung)")
     sync_batchnorm: bool = _key(False, "BatchNorm statistics over the global batch (CUDA, several processes)")
     plots: bool = _key(True, "draw train_batch.png, val_predictions.png, curves.png, confusion_matrix.png")
     compile: bool = _key(False, "torch.compile the model")
@@ -139,6 +141,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.resume": (lambda v: v.strip() != "", "auto, none or a run directory"),
     "data.root": (lambda v: v.strip() != "", "a folder path (not empty)"),
     "train.grad_accum_steps": (lambda v: v > 0, "a positive integer"),
+    "train.collective_timeout": (lambda v: v > 0, "a positive number of seconds"),
 }
 
 

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast, broadcast_object_list, gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, gather_object
 
 from . import model as model_lib
 from .config import Config
-from .errors import UserError
+from .errors import UserError, first_line
 
 GRACE_SECONDS = 20.0  # after a stop signal, exit even if no step boundary was reached by then
 
@@ -41,7 +41,7 @@ def resolve_mixed_precision(mp: str, cuda: bool) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
-def join_restarted_group(cuda: bool) -> None:
+def join_restarted_group(cuda: bool, timeout: timedelta) -> None:
     """Form the process group of a job that torchrun restarted, in keys of its own.
 
     torchrun's static rendezvous keeps one store for all attempts, and its workers connect to it
@@ -58,7 +58,7 @@ def join_restarted_group(cuda: bool) -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timedelta(minutes=5))
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"tl_dist/attempt_{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=world)
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
 def make_accelerator(cfg: Config):
@@ -67,10 +67,12 @@ def make_accelerator(cfg: Config):
     mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
     if mp == "fp16" and not cuda:
         raise UserError("config: train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    join_restarted_group(cuda)
+    # How long a rank waits for the others in a collective before the job ends (a rank frozen or hung).
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    join_restarted_group(cuda, timeout)
     # cpu=True without CUDA makes N launched processes one gloo group (MULTI_CPU) instead of N
     # independent single-process runs.
-    acc = Accelerator(cpu=not cuda, mixed_precision=mp)
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes != launched:
         raise UserError(f"launch: WORLD_SIZE={launched} but accelerate formed a group of "
@@ -197,35 +199,83 @@ def assert_ranks_in_sync(accelerator, model, epoch: int) -> str | None:
     return digests[0]
 
 
+class JobFailure(UserError):
+    """The job cannot go on, through no fault of the config (a rank stopped answering): one line, exit 1."""
+
+    exit_code = 1
+
+
+def as_job_failure(e: BaseException, timeout_s: int) -> JobFailure | None:
+    """A collective that timed out, as one line naming where this rank was waiting; else None."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not any(w in text.lower() for w in ("timed out", "timeout")):
+        return None
+    where, epoch, tb = "set-up", None, e.__traceback__
+    while tb is not None:  # the innermost frame of tl_dist's own code: the step that waited
+        frame, code = tb.tb_frame, tb.tb_frame.f_code
+        if f"{os.sep}tl_dist{os.sep}" in code.co_filename:
+            where = f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{tb.tb_lineno})"
+            epoch = frame.f_locals.get("epoch", epoch) if code.co_name == "_fit" else epoch
+        tb = tb.tb_next
+    where = where if epoch is None else f"epoch {epoch}, {where}"
+    return JobFailure(f"distributed: another rank did not answer for train.collective_timeout={timeout_s}s, while "
+                      f"this one waited in {where} ({first_line(e, 120)}); a rank is frozen, hung or much slower. "
+                      f"The last complete epoch is saved: run the same command to resume")
+
+
 # ----------------------------------------------------------------------------- stopping
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary, on every rank together."""
+    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary, on every rank together.
+
+    Python runs signal handlers in the main thread, between bytecodes: a rank blocked in a
+    collective (a peer gone or frozen) never runs them. So the signal also wakes a watchdog thread,
+    through the wakeup fd that Python's C-level handler writes to whatever the main thread does,
+    and the watchdog ends the process GRACE_SECONDS later unless it has stopped by then. Nothing is
+    lost (every file on disk is complete), and launchers, which escalate to SIGKILL (torchrun:
+    30 s), are not kept waiting.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._previous_fd = -1
+        self._wake: int | None = None
 
     def __enter__(self) -> "StopRequest":
         for s in (signal.SIGTERM, signal.SIGINT):
             self._previous[s] = signal.signal(s, self._handle)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._wake = w
+        self._previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watchdog, args=(r,), daemon=True, name="tl_dist-stop-watchdog").start()
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
         for s, h in self._previous.items():
             signal.signal(s, h)
+        os.close(self._wake)  # the watchdog reads the end of the pipe and leaves
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user really means now
-        if self.signum is None:
-            # A rank blocked in a collective with a dead peer never reaches a step boundary; launchers
-            # (torchrun: 30 s) then escalate to SIGKILL. Leave on our own before that, so a restart
-            # is not held up. Nothing is lost: every file on disk is complete.
-            timer = threading.Timer(GRACE_SECONDS, os._exit, args=(128 + signum,))
-            timer.daemon = True
-            timer.start()
         self.signum = signum
+
+    @staticmethod
+    def _watchdog(r: int) -> None:
+        armed = False
+        try:
+            while received := os.read(r, 64):  # until __exit__ closes the other end
+                first = next((s for s in received if s in (signal.SIGTERM, signal.SIGINT)), None)
+                if first is not None and not armed:
+                    armed = True
+                    timer = threading.Timer(GRACE_SECONDS, os._exit, args=(128 + first,))
+                    timer.daemon = True
+                    timer.start()
+        finally:
+            os.close(r)
 
     def check(self, accelerator) -> bool:
         """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""

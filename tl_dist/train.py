@@ -88,8 +88,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.train
                   f"(`{prog} --help` lists them; configs/ has examples)", file=sys.stderr, flush=True)
         result = train(cfg)
     except UserError as e:
-        if rank0:
+        if rank0 or e.exit_code != 2:  # a config error is every rank's; a failure is this rank's own
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        if e.exit_code != 2:  # the process group is broken: its teardown at exit could wait forever
+            os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

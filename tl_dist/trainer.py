@@ -28,8 +28,8 @@ from rich.table import Table
 from . import __version__, checkpoint, config, data, demo, host_memory, recipe, visualize
 from . import model as model_lib
 from .config import Config
-from .distributed import (StopRequest, agree, assert_ranks_in_sync, gather_objects, make_accelerator,
-                          on_main_then_share, rewrap_unfrozen, share_buffers)
+from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, gather_objects,
+                          make_accelerator, on_main_then_share, rewrap_unfrozen, share_buffers)
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
 from .errors import UserError, drop_stdout, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
@@ -56,7 +56,13 @@ def fit(cfg: Config) -> RunResult:
     lock = checkpoint.RunLock()  # taken by rank 0 in set-up, released once every file is written
     try:
         with StopRequest() as stop:
-            result = _fit(cfg, stop, writer, lock)
+            try:
+                result = _fit(cfg, stop, writer, lock)
+            except RuntimeError as e:
+                failure = as_job_failure(e, cfg.train.collective_timeout)
+                if failure is None:
+                    raise
+                raise failure from None
     except BaseException:
         try:  # keep the last complete epoch; the error in flight is the one to report
             writer.close()
