@@ -86,3 +86,22 @@ def test_imagenet_offline_names_file_and_place(tmp_path, monkeypatch):
 def test_unknown_arch():
     with pytest.raises(UserError, match="unknown model.arch 'resnet19'"):
         model.build(_cfg("model.arch=resnet19", "model.weights=none"), 2)
+
+
+def test_refused_pickle_message_keeps_the_warning_and_names_what_was_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(str(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(UserError) as e:
+        model.build(_cfg(f"model.weights={tmp_path / 'evil.pth'}"), 2)
+    msg = str(e.value)
+    assert "could run arbitrary code" in msg and "GLOBAL" in msg and "Re-running" not in msg
+    assert not marker.exists()
+
+
+def test_a_damaged_file_in_the_torch_hub_cache_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x80\x04garbage" * 100)
+    with pytest.raises(UserError, match="cached ImageNet weights are damaged: .*resnet18-f37072fd.pth.*delete the file"):
+        model.build(_cfg("model.weights=imagenet"), 2)

@@ -68,9 +68,12 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         # weights_only=True: a pickle that would run code is refused, not executed.
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = first_line(e, 160)
-        raise UserError(f"model: refusing to load {p}: it holds Python objects beyond tensors, which could "
-                        f"run code ({first[:160]}); convert it to a plain state dict or .safetensors") from None
+        # torch's message starts by saying how to load it anyway; quote only what it refused.
+        what = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
+        raise UserError(f"model: refusing to load {p}: it holds Python objects beyond tensors, and unpickling "
+                        f"them (torch.load with weights_only=False) could run arbitrary code"
+                        f"{f' ({what[:160]})' if what else ''}. Only if you trust its source: convert it to a "
+                        f"plain state dict or .safetensors") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise UserError(f"model: cannot read weights file {p}: {first_line(e)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -402,8 +402,11 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
     acc.wait_for_everyone()
     if interrupted:
         writer.wait()  # before saying so
-        run.log(f"interrupted: stopped at a step boundary; the last complete epoch is saved in {out}. "
-                f"Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
+        if state.epoch >= 0:
+            run.log(f"interrupted: stopped at a step boundary; the last complete epoch ({state.epoch}) is saved in "
+                    f"{out}. Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
+        else:
+            run.log(f"interrupted: stopped at a step boundary before the first epoch ended; nothing was saved")
         return RunResult(out, state.best_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
 
     if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
