@@ -114,3 +114,17 @@ def test_training_with_stdout_on_a_full_disk_still_trains(tiny_data, tmp_path):
                                                                      "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 2.5])
+def test_ctrl_c_during_start_up_is_a_quiet_interrupt(tiny_data, tmp_path, delay):
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "tl_dist.train", *FAST, f"data.root={tiny_data}",
+                          f"train.output_dir={tmp_path / 'run'}", "train.epochs=1"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted" in err + out and "is saved in" not in out  # no epoch was complete

@@ -94,8 +94,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.train
             os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print("interrupted", file=sys.stderr, flush=True)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+        # Leave now: an interrupt can land inside an import (torch's take seconds), and tearing down
+        # a half-imported module at exit can fail. The run's files were finished before this point.
+        os._exit(EXIT_INTERRUPTED)
     return 128 + result.interrupted if result.interrupted else 0
 
 
