@@ -212,8 +212,10 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
         "data_path": d.describe(accelerator.device),
     }
     state = state or RunState()
+    # (through agree: a failed write stops every rank at once, not only rank 0)
+    agree(accelerator, lambda: note_segment(cfg, out, state, data_fingerprint(d.train.samples, d.val.samples), log)
+          if main_proc else None)
     if main_proc:
-        note_segment(cfg, out, state, data_fingerprint(d.train.samples, d.val.samples), log)
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
             f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
