@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -88,18 +89,15 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
+def remove_stale_temp_files(folder: Path) -> None:
     """Remove the temp files ``atomic_write`` leaves when its process is killed mid-write (a
-    checkpoint's worth each), for the files a run writes; returns what was removed."""
-    removed = []
+    checkpoint's worth each), for the files a run writes."""
     for p in folder.glob(".*.tmp"):
         if p.is_file() and p.name[1:].startswith(RUN_FILES):
             try:
                 p.unlink()
-                removed.append(p)
             except OSError:
                 pass  # not ours to insist on; it is only space
-    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -165,8 +163,6 @@ def _size(v: Any) -> bool:
 def metadata_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with a checkpoint's metadata, or None: every field a reader uses, checked
     before anything is allocated from it (the file may come from anywhere)."""
-    import torchvision
-
     classes = meta.get("classes")
     checks = (
         ("classes", isinstance(classes, list) and len(classes) > 0

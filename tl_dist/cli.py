@@ -23,7 +23,7 @@ COMMANDS = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: tl-dist COMMAND [ARGS ...]   (tl-dist COMMAND --help for its own)", "", "commands:"]
+    lines = ["usage: tl-dist COMMAND [ARGS ...]   (tl-dist COMMAND --help for its own)", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "several processes or machines: accelerate launch [...] -m tl_dist.train CONFIG [...], "
                   "or ./launch.sh CONFIG"]

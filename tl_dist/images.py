@@ -114,7 +114,12 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def check_file(path: str) -> tuple[int, int]:
-    """Cheap check of one file: header, size, and a complete end of stream. Returns (width, height).
+    """Cheap check of one file: header, size, and a complete end of stream. Returns (width, height)."""
+    return inspect_file(path)[:2]
+
+
+def inspect_file(path: str) -> tuple[int, int, int]:
+    """``check_file``, returning (width, height, bytes).
 
     Reads the header and the tail, never decodes pixels, so a 10k-image folder takes seconds.
     """
@@ -139,12 +144,13 @@ def check_file(path: str) -> tuple[int, int]:
         raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
     if fmt == "PNG" and b"IEND" not in tail:
         raise BadImage(f"{path}: truncated PNG (no IEND chunk)")
-    return wh
+    return wh[0], wh[1], size
 
 
 @dataclass
 class ScanReport:
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (w, h) of good files
+    nbytes: dict[str, int] = field(default_factory=dict)  # path -> file size of good files
     bad: dict[str, str] = field(default_factory=dict)  # path -> reason
 
 
@@ -155,14 +161,14 @@ def scan_files(paths: list[str], workers: int | None = None) -> ScanReport:
 
     def one(p: str):
         try:
-            return p, check_file(p), None
+            return p, inspect_file(p), None
         except BadImage as e:
             return p, None, str(e)
 
     with ThreadPoolExecutor(workers) as ex:
-        for p, wh, err in ex.map(one, paths, chunksize=64):
+        for p, whb, err in ex.map(one, paths, chunksize=64):
             if err is None:
-                report.sizes[p] = wh
+                report.sizes[p], report.nbytes[p] = whb[:2], whb[2]
             else:
                 report.bad[p] = err
     return report

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,8 +23,11 @@ from .config import Config
 from .errors import UserError
 
 RESUME_FILE = "resume.pt"
-# What a resume state must match in the run that reads it (the model it describes).
-IDENTITY = ("arch", "mode", "classes")
+
+
+def model_identity(cfg: Config, classes: list[str]) -> dict[str, Any]:
+    """What a resume state records of the model it describes, and a resuming run must match."""
+    return {"classes": classes, "arch": cfg.model.arch, "mode": cfg.model.mode}
 
 
 @dataclass
@@ -107,10 +109,10 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
             raise UserError(f"resume: no resume state at {path} (train.resume is auto, none or a run directory)")
         return None
     s = checkpoint.load_state(path)
-    for key in IDENTITY:
-        if s.get(key) != identity[key]:
+    for key, now in identity.items():
+        if s.get(key) != now:
             raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
-                            f"{identity[key]!r}; use another train.output_dir or train.resume=none")
+                            f"{now!r}; use another train.output_dir or train.resume=none")
     state = RunState.from_resume(s)
     best = Path(cfg.train.output_dir) / "best.safetensors"
     if best.exists():  # never let a resumed run overwrite a better best with a worse one
@@ -127,16 +129,13 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
 EXPECTED_CHANGES = ("train.epochs", "train.resume")
 
 
-def data_fingerprint(train: list[tuple[str, int]], val: list[tuple[str, int]]) -> dict:
-    """Per split: the image count and a hash of every (path, size, class); what a resume compares."""
+def data_fingerprint(train: list[tuple[str, int]], val: list[tuple[str, int]], nbytes: dict[str, int]) -> dict:
+    """Per split: the image count and a hash of every (path, file size, class); what a resume
+    compares. The sizes come from the pre-flight scan (``nbytes``), which has read them already."""
     def split(samples: list[tuple[str, int]]) -> dict:
         h = hashlib.blake2b(digest_size=12)
         for path, label in samples:
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                size = -1
-            h.update(f"{path}\0{size}\0{label}\n".encode("utf-8", "surrogateescape"))
+            h.update(f"{path}\0{nbytes.get(path, -1)}\0{label}\n".encode("utf-8", "surrogateescape"))
         return {"images": len(samples), "hash": h.hexdigest()}
     return {"train": split(train), "val": split(val)}
 

@@ -34,8 +34,8 @@ from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, 
 from .errors import UserError, drop_stdout, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
-from .runstate import (RunState, changes, data_fingerprint, read_resume, record_resume, rng_state, save_epoch,
-                       seed_everything, set_rng_state)
+from .runstate import (RunState, changes, data_fingerprint, model_identity, read_resume, record_resume,
+                       rng_state, save_epoch, seed_everything, set_rng_state)
 
 
 @dataclass
@@ -123,11 +123,6 @@ class Run:
     meta: dict  # what every checkpoint of this run says about itself
     head_inputs: HeadInputs | None = None
 
-    @property
-    def identity(self) -> dict:
-        """What a resume state must match: the model it describes."""
-        return {"classes": self.data.classes, "arch": self.cfg.model.arch, "mode": self.cfg.model.mode}
-
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             say(msg)
@@ -159,12 +154,11 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     agree(accelerator, lambda: prepare_output_dir(out, lock, cfg.train.resume) if main_proc else None)
     seed_everything(cfg.train.seed)
 
-    d = prepare_data(cfg, accelerator, log)
+    d, fingerprint = prepare_data(cfg, accelerator, log)
     net = agree(accelerator, model_lib.build, cfg.model, len(d.classes))
-    identity = {"classes": d.classes, "arch": cfg.model.arch, "mode": cfg.model.mode}
     # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
-    state = (on_main_then_share(accelerator, lambda: read_resume(cfg, identity)) if cfg.train.resume != "none"
-             else None)
+    state = (on_main_then_share(accelerator, lambda: read_resume(cfg, model_identity(cfg, d.classes)))
+             if cfg.train.resume != "none" else None)
     if state is not None:
         try:
             net.load_state_dict(state.model)
@@ -213,8 +207,7 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     }
     state = state or RunState()
     # (through agree: a failed write stops every rank at once, not only rank 0)
-    agree(accelerator, lambda: note_segment(cfg, out, state, data_fingerprint(d.train.samples, d.val.samples), log)
-          if main_proc else None)
+    agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, log) if main_proc else None)
     if main_proc:
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
@@ -295,7 +288,8 @@ def first_few(items: list[str], n: int) -> str:
     return "; ".join(items[:n]) + more
 
 
-def prepare_data(cfg: Config, accelerator, log) -> data.Data:
+def prepare_data(cfg: Config, accelerator, log) -> tuple[data.Data, dict | None]:
+    """This rank's data, and (rank 0) the fingerprint of what it trains on."""
     if cfg.data.demo:
         if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
             log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
@@ -307,9 +301,10 @@ def prepare_data(cfg: Config, accelerator, log) -> data.Data:
     if report.bad:
         train = [s for s in train if s[0] not in report.bad]
         val = [s for s in val if s[0] not in report.bad]
+    fingerprint = data_fingerprint(train, val, report.nbytes) if accelerator.is_main_process else None
     return agree(accelerator, data.build, cfg.data, classes, train, val, seed=cfg.train.seed,
                  world=accelerator.num_processes, rank=accelerator.process_index,
-                 device=accelerator.device, sizes=report.sizes)
+                 device=accelerator.device, sizes=report.sizes), fingerprint
 
 
 def scan_split_files(cfg: Config, train: list, val: list, log):
@@ -378,7 +373,8 @@ def record_and_save(run: Run, writer: checkpoint.BackgroundWriter, row: dict, va
     if acc.is_main_process:
         state.optimizer, state.rng = checkpoint.snapshot(run.optimizer.state_dict()), rngs
         meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss}
-        writer.submit(functools.partial(save_epoch, run.out, meta, is_best, state.to_resume(run.identity)))
+        resume = state.to_resume(model_identity(run.cfg, run.data.classes))
+        writer.submit(functools.partial(save_epoch, run.out, meta, is_best, resume))
     return is_best
 
 
@@ -408,7 +404,7 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
             run.log(f"interrupted: stopped at a step boundary; the last complete epoch ({state.epoch}) is saved in "
                     f"{out}. Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
         else:
-            run.log(f"interrupted: stopped at a step boundary before the first epoch ended; nothing was saved")
+            run.log("interrupted: stopped at a step boundary before the first epoch ended; nothing was saved")
         return RunResult(out, state.best_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
 
     if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
