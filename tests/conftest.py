@@ -50,6 +50,13 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def train_in_process(out, data_dir, *over) -> int:
+    """One training run through the CLI's own main() (exit code), on the demo config at test sizes."""
+    from tl_dist import train
+    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
+                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)

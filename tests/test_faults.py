@@ -7,16 +7,12 @@ import sys
 import pytest
 import torch
 
-from tl_dist import checkpoint, train
+from tl_dist import checkpoint
 
 from .conftest import FAST, ROOT, make_images, run_cli
+from .conftest import train_in_process as _run
 
 pytestmark = pytest.mark.e2e
-
-
-def _run(out, data_dir, *over):
-    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
-                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
 
 
 @pytest.fixture(scope="module")

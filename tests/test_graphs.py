@@ -11,16 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tl_dist import graphs, train
+from tl_dist import graphs
 
-from .conftest import FAST, ROOT
+from .conftest import train_in_process as _run
 
 pytestmark = pytest.mark.e2e
-
-
-def _run(out, data_dir, *over):
-    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
-                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
 
 
 @pytest.fixture

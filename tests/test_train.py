@@ -1,26 +1,20 @@
 """End-to-end CPU runs of the trainer, in-process (python -m tl_dist.train's own main())."""
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tl_dist import checkpoint, model, train, trainer
+from tl_dist import checkpoint, model, trainer
 from tl_dist.predict import Predictor
 
 from .conftest import FAST, ROOT, make_images
+from .conftest import train_in_process as _run
 
 pytestmark = pytest.mark.e2e
-
-
-def _run(out, data_dir, *over):
-    return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
-                       "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
 
 
 @pytest.fixture(scope="module")
