@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,24 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path =
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
 
 
+def free_port() -> int:
+    """A port for a job's rendezvous that nothing holds now. Drawn below Linux's ephemeral range
+    (32768 and up), where gloo's own connections and every outgoing socket take their ports, so the
+    job's store cannot lose its port to one of them between this check and its bind."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(100):
+        port = random.randint(20000, max(20001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port found for the test job")
+
+
 def accelerate_launch(n: int, *args: str, timeout: int = 300, extra: tuple = ()) -> subprocess.CompletedProcess:
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     return run_cli("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", port, *extra, "-m", "tl_dist.train", *args, timeout=timeout)

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from tl_dist import model
 
-from .conftest import FAST, ROOT, accelerate_launch, run_cli
+from .conftest import FAST, ROOT, accelerate_launch, free_port, run_cli
 
 pytestmark = pytest.mark.multiproc
 
@@ -90,8 +90,7 @@ def test_launch_sh_without_gpu_runs_one_cpu_process(tiny_data, tmp_path):
 
 def test_two_machines_one_job(tiny_data, tmp_path):
     """Two launches with num_machines=2 on 127.0.0.1 form one job equal to a 2-process run."""
-    import random
-    port = random.randint(20000, 40000)
+    port = free_port()
     common = ("train.epochs=1", "data.batch_size=3")
     nodes = [_node(r, port, tiny_data, tmp_path / f"node{r}", *common) for r in (0, 1)]
     outs = [n.communicate(timeout=300) for n in nodes]
@@ -106,9 +105,8 @@ def test_two_machines_one_job(tiny_data, tmp_path):
 
 def test_failure_on_one_rank_ends_the_job_promptly(tiny_data, tmp_path):
     """Machine 1 has no data: both machines stop at once with machine 1's message, no hang."""
-    import random
     import time
-    port = random.randint(20000, 40000)
+    port = free_port()
     t0 = time.time()
     nodes = [_node(0, port, tiny_data, tmp_path / "out", "train.epochs=1"),
              _node(1, port, tmp_path / "missing", tmp_path / "out", "train.epochs=1")]
@@ -231,10 +229,9 @@ def test_torchrun_restarts_a_killed_rank_and_the_job_resumes(tiny_data, tmp_path
     """torchrun --max-restarts=1: SIGKILL rank 1 after the first epoch; the restarted job resumes from
     the saved state and ends bit-identical to an uninterrupted run."""
     import os
-    import random
     import signal
     import time
-    port = random.randint(20000, 40000)
+    port = free_port()
     job = _torchrun(tmp_path / "killed", tiny_data, port, "--max-restarts", "1")
     deadline = time.time() + 240
     while not (tmp_path / "killed" / "resume.pt").exists() and job.poll() is None and time.time() < deadline:
@@ -249,7 +246,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_job_resumes(tiny_data, tmp_path
     assert re.search(r"resuming \S+ after epoch [012] ", log), log[-3000:]  # not started afresh
     rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in rows] == [0, 1, 2, 3]
-    plain = _torchrun(tmp_path / "plain", tiny_data, random.randint(20000, 40000))
+    plain = _torchrun(tmp_path / "plain", tiny_data, free_port())
     log = _finish(plain)
     assert plain.returncode == 0, log[-3000:]
     a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("killed", "plain"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FAST, ROOT
+from .conftest import FAST, ROOT, free_port
 
 pytestmark = pytest.mark.multiproc
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.multiproc
 def _launch(tmp_path, *over):
     tag = uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TL_DIST_TEST_TAG": tag}
-    port = str(20000 + int(tag[:4], 16) % 20000)
+    port = str(free_port())
     p = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", port, "-m", "tl_dist.train", str(ROOT / "configs" / "demo.yaml"),
