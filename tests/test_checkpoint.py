@@ -118,3 +118,16 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(d), umask], check=True,
                        cwd=__import__("tests.conftest", fromlist=["ROOT"]).ROOT)
         assert (d / "a.bin").stat().st_mode & 0o777 == (d / "b.bin").stat().st_mode & 0o777 == 0o666 & ~int(umask, 8)
+
+
+def test_a_failed_background_write_is_one_line_naming_the_key_that_writes_between_epochs():
+    w = checkpoint.BackgroundWriter(background=True)
+
+    def job():
+        raise RuntimeError("CUDA error: unspecified launch failure\nmore")
+    w.submit(job)
+    with pytest.raises(UserError) as e:
+        w.close()
+    msg = str(e.value)
+    assert msg.startswith("checkpoint: the background writer failed: CUDA error: unspecified launch failure;")
+    assert "train.write_in_background=false writes between epochs" in msg and "\n" not in msg

@@ -1,14 +1,15 @@
 import pytest
 
-from tl_dist import config
+from tl_dist import config, model
 from tl_dist.errors import UserError
 
 from .conftest import ROOT, run_cli
 
 
 def test_defaults_are_the_seeds_values():
-    c = config.load()
+    c = model.resolve(config.load())  # sizes, interpolation, mean and std: resnet18's ImageNet weights'
     assert (c.data.image_size, c.data.resize_size, c.data.batch_size, c.data.num_workers) == (224, 256, 4, 4)
+    assert (c.data.interpolation, c.data.mean, c.data.std) == ("bilinear", config.IMAGENET_MEAN, config.IMAGENET_STD)
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.001, 0.9, 0.0)
     assert (c.scheduler.step_size, c.scheduler.gamma, c.train.epochs) == (7, 0.1, 25)
     assert c.model.arch == "resnet18" and c.model.weights == "imagenet"
@@ -46,7 +47,7 @@ def test_yaml_bare_no_means_no(tmp_path):
     ("data:\n  batch_size: 0\n", "data.batch_size (in {f}) must be a positive integer"),
     ("train:\n  plots: maybe\n", "train.plots (in {f}) must be true or false"),
     ("data:\n  image_size: 100000\n", "data.image_size (in {f}) must be an integer from 1 to 4096"),
-    ("data:\n  image_size: 300\n", "data.resize_size (256) must be at least data.image_size (300)"),
+    ("data:\n  image_size: 300\n  resize_size: 256\n", "data.resize_size (256) must be at least data.image_size (300)"),
     ("- a\n- b\n", "must hold a mapping"),
     ("train: [\n", "is not valid YAML"),
 ])

@@ -4,11 +4,16 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from tl_dist import augment, config, data
+from tl_dist import augment, config, data, model
 from tl_dist.errors import UserError
 
 from .conftest import make_images
 
+
+
+def _data_cfg(over):
+    """The data section as a run sees it: preprocessing filled in from the model's weights."""
+    return model.resolve(config.load(None, over)).data
 
 def test_class_mismatch_lists_difference(tmp_path):
     make_images(tmp_path, {"train": {"ants": 2, "bees": 2, "wasps": 1}, "val": {"ants": 1, "bees": 1, "moths": 1}})
@@ -64,7 +69,7 @@ def test_eval_transform_matches_seed_pipeline(tiny_data):
 
 
 def test_train_transform_is_seed_crop_with_per_sample_draws(tiny_data):
-    cfg = config.load(None, ["data.image_size=32"]).data
+    cfg = _data_cfg(["data.image_size=32"])
     img = Image.open(next((tiny_data / "train" / "bees").iterdir())).convert("RGB")
     a = augment.train_transform(img, augment.sample_rng(0, 1, 5), cfg)
     assert torch.equal(a, augment.train_transform(img, augment.sample_rng(0, 1, 5), cfg))  # same key, same draw
@@ -96,7 +101,7 @@ def test_rrc_params_have_torchvisions_distribution():
 
 
 def test_augmentation_independent_of_workers(tiny_data):
-    cfg = config.load(None, ["data.image_size=32", "data.cache=none"]).data
+    cfg = _data_cfg(["data.image_size=32", "data.cache=none"])
     classes, train, val = data.list_splits(str(tiny_data))
     batches = []
     for workers in (0, 2):
@@ -111,22 +116,23 @@ def test_cache_gives_same_pixels(tiny_data):
     classes, train, val = data.list_splits(str(tiny_data))
     out = []
     for cache in ("none", "ram"):
-        cfg = config.load(None, ["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
-                                 f"data.cache={cache}"]).data
+        cfg = _data_cfg(["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
+                                 f"data.cache={cache}"])
         d = data.build(cfg, classes, train, val, seed=0)
         assert d.cached == (cache == "ram")
         out.append((torch.cat([b[0] for b in d.train_loader]), torch.cat([b[0] for b in d.val_loader])))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
-def test_device_path_matches_the_pil_path(tiny_data):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_device_path_matches_the_pil_path(tiny_data, interpolation):
     """cache: device draws the same crops and flips as the PIL path; only the resampling runs in
     torch instead of Pillow, so the pixels nearly match. Labels, weights, order and val are exact."""
     classes, train, val = data.list_splits(str(tiny_data))
     out = {}
     for cache in ("ram", "device"):
-        cfg = config.load(None, ["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
-                                 "data.batch_size=5", f"data.cache={cache}"]).data
+        cfg = _data_cfg(["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
+                         "data.batch_size=5", f"data.cache={cache}", f"data.interpolation={interpolation}"])
         d = data.build(cfg, classes, train, val, seed=0, world=2, rank=1)
         assert d.cache == cache
         d.train_sampler.set_epoch(2)
@@ -138,10 +144,26 @@ def test_device_path_matches_the_pil_path(tiny_data):
             assert x[0].dtype == y[0].dtype == torch.uint8 and x[0].shape == y[0].shape
     train_ram, train_dev = (torch.cat([b[0] for b in out[c][0]]).float() for c in ("ram", "device"))
     diff = (train_ram - train_dev).abs()
-    # of 255. Measured: mean 0.083, max 1 (torch's float resampling, as on a GPU, against Pillow's
-    # fixed point; deterministic for this data); a wrong flip gives 30.
+    # of 255. Measured: mean 0.083 (bilinear) / 0.093 (bicubic), max 1 (torch's float resampling, as
+    # on a GPU, against Pillow's fixed point; deterministic for this data); a wrong flip gives 30.
     assert diff.mean() < 0.1 and diff.max() <= 2
     assert torch.equal(torch.cat([b[0] for b in out["ram"][1]]), torch.cat([b[0] for b in out["device"][1]]))
+
+
+def test_a_device_path_that_disagrees_with_pil_falls_back_to_the_host_path(tiny_data, monkeypatch):
+    """The device path checks its first batch against the PIL path; a fault there (here: every image
+    flipped) is caught before training and the run gets the host path, with a warning."""
+    from tl_dist import device_data
+    classes, train, val = data.list_splits(str(tiny_data))
+    real = device_data.crop_resize_flip
+    monkeypatch.setattr(device_data, "crop_resize_flip", lambda *a, **k: real(*a, **k).flip(-1))
+    over = ["data.image_size=32", "data.resize_size=36", "data.num_workers=0", "data.batch_size=5"]
+    d = data.build(_data_cfg([*over, "data.cache=device"]), classes, train, val, seed=0)
+    assert d.cache == "ram" and "disagrees with the PIL path on the first batch" in d.warning
+    ref = data.build(_data_cfg([*over, "data.cache=ram"]), classes, train, val, seed=0)
+    assert ref.warning is None
+    for a, b in zip(d.train_loader, ref.train_loader):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 def test_device_crop_resize_flip_close_to_pil():
@@ -164,7 +186,7 @@ def test_cache_auto_picks_the_fastest_place_that_fits(monkeypatch):
     train = [(f"t{i}.jpg", 0) for i in range(1000)]  # 1.44 GB decoded
     sizes = {p: (800, 600) for p, _ in train}
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    place = lambda device, *over: data.cache_place(config.load(None, list(over)).data, train, [], sizes, device)  # noqa: E731
+    place = lambda device, *over: data.cache_place(_data_cfg(list(over)), train, [], sizes, device)  # noqa: E731
     monkeypatch.setattr(data, "gpu_memory_bytes", lambda device: 4 * 2**30)
     assert place(cuda) == "device"  # 1.44 GB within half of 4 GiB
     assert place(cuda, "data.device_cache_gb=1") == "ram"  # the budget set: not within it; RAM's 4 GiB is
@@ -190,3 +212,19 @@ def test_linked_folders_are_followed_by_training_and_prediction_alike(tmp_path):
     _, train, _ = data.list_splits(str(root))
     listed = [p for p, _ in train if p.startswith(str(root / "train" / "cat"))]
     assert len(listed) == 5 and expand([str(root / "train" / "cat")]) == listed
+
+
+def test_a_cuda_error_in_the_device_path_is_one_line_naming_the_key(tiny_data, monkeypatch):
+    from tl_dist import device_data
+
+    def fault(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+    classes, train, val = data.list_splits(str(tiny_data))
+    d = data.build(_data_cfg(["data.image_size=32", "data.num_workers=0", "data.cache=device"]), classes, train, val,
+                   seed=0)
+    monkeypatch.setattr(device_data, "crop_resize_flip", fault)
+    with pytest.raises(UserError) as e:
+        next(iter(d.train_loader))
+    msg = str(e.value)
+    assert msg.startswith("data.cache=device: CUDA error: an illegal memory access") and "\n" not in msg
+    assert "while augmenting on the device; set data.cache=ram" in msg

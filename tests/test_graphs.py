@@ -38,7 +38,10 @@ def count_graph_steps(monkeypatch):
     (["model.mode=frozen_then_finetune", "model.unfreeze_epoch=1"], [0, 1, 1, 2, 2, 2, 2, 2, 2]),
     # the graph path's own autocast region (no cast cache) against accelerate's
     (["model.mode=finetune", "train.mixed_precision=bf16"], [0] + [1] * 11),
-], ids=["finetune, new lr every epoch", "frozen then finetune", "bf16"])
+    # another family, frozen: its dropout and stochastic depth are in the backbone, off in eval mode
+    (["model.mode=frozen", "model.arch=efficientnet_b0", "data.image_size=64", "data.resize_size=72"],
+     [0] + [1] * 11),
+], ids=["finetune, new lr every epoch", "frozen then finetune", "bf16", "efficientnet frozen"])
 def test_graph_path_trains_exactly_like_the_eager_path(tiny_data, tmp_path, count_graph_steps, mode, graph_steps):
     """22 train images at batch 4: 5 full batches and a short one (always eager) per epoch. The
     weights and metrics must come out bit for bit as without graphs (fp32, CPU). ``graph_steps``:
@@ -81,6 +84,11 @@ def test_cuda_graphs_needs_what_it_needs(tiny_data, tmp_path, capsys, monkeypatc
     assert _run(tmp_path / "b", tiny_data, "train.cuda_graphs=true", "train.grad_accum_steps=2") == 2
     err = capsys.readouterr().err
     assert "train.grad_accum_steps=1 (it is 2)" in err and "CUDA GPU" not in err
+    # A train step that draws random numbers (EfficientNet's dropout and stochastic depth when it
+    # finetunes) cannot be checked against the eager step: refused before the data is read.
+    assert _run(tmp_path / "c", tmp_path / "no data", "train.cuda_graphs=true", "model.arch=efficientnet_b0") == 2
+    err = capsys.readouterr().err
+    assert "a train step without random draws" in err and "Dropout/StochasticDepth layer(s), the first at features.2.0" in err
 
 
 def test_a_failed_capture_falls_back_to_eager_steps(tiny_data, tmp_path, capsys, monkeypatch):

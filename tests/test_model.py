@@ -103,5 +103,5 @@ def test_a_damaged_file_in_the_torch_hub_cache_is_one_line(tmp_path, monkeypatch
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"\x80\x04garbage" * 100)
-    with pytest.raises(UserError, match="cached ImageNet weights are damaged: .*resnet18-f37072fd.pth.*delete the file"):
+    with pytest.raises(UserError, match="cached weights are damaged: .*resnet18-f37072fd.pth.*delete the file"):
         model.build(_cfg("model.weights=imagenet"), 2)

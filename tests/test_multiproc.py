@@ -144,15 +144,22 @@ def _params(path):
             if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
-def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path):
+# A BatchNorm model and a LayerNorm one; the keys that must move once the backbone trains.
+UNFREEZE = {"resnet18": ("conv1.weight", "layer4.1.conv2.weight", "layer1.0.bn1.running_mean"),
+            "convnext_tiny": ("features.0.0.weight", "features.7.2.block.5.weight", "features.1.0.block.2.weight")}
+
+
+@pytest.mark.parametrize("arch", UNFREEZE)
+def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path, arch):
     """Frozen epochs leave the backbone bit-identical; after the switch it trains, on every rank alike."""
     init = tmp_path / "init.safetensors"
-    save_file(model.create("resnet18", 1000).state_dict(), str(init))
+    save_file(model.create(arch, 1000).state_dict(), str(init))
+    head = model.head_name(model.create(arch, 2))
     common = ("model.mode=frozen_then_finetune", "model.unfreeze_epoch=2", f"model.weights={init}",
-              "data.batch_size=3", "optim.lr=0.05", "optim.backbone_lr=0.01")
+              f"model.arch={arch}", "data.batch_size=3", "optim.lr=0.05", "optim.backbone_lr=0.01")
     r = accelerate_launch(2, *_args(tiny_data, tmp_path / "run", *common, "train.epochs=1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    start = {k: v for k, v in load_file(str(init)).items() if not k.startswith("fc.")}
+    start = {k: v for k, v in load_file(str(init)).items() if not model.in_head(k, head)}
     after_frozen = load_file(str(tmp_path / "run" / "last.safetensors"))
     for k, v in start.items():  # weights and BN buffers alike
         assert torch.equal(after_frozen[k], v), k
@@ -162,7 +169,7 @@ def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path):
     assert "the backbone trains from now on" in r.stdout
     end = load_file(str(tmp_path / "run" / "last.safetensors"))
     moved = [k for k in start if not torch.equal(end[k], start[k])]
-    assert "conv1.weight" in moved and "layer4.1.conv2.weight" in moved and "layer1.0.bn1.running_mean" in moved
+    assert set(UNFREEZE[arch]) <= set(moved)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["backbone_lr"] for x in rows] == [None, None, 0.01]
     # Every epoch ended with a cross-rank comparison of the weights (the run stops if they differ).

@@ -68,13 +68,13 @@ def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig) -> to
     """The tutorial's RandomResizedCrop + RandomHorizontalFlip, as uint8 CHW (ToTensor/Normalize on device)."""
     (i, j, h, w), flip = train_draws(rng, img.width, img.height, cfg)
     out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
-                         interpolation=InterpolationMode.BILINEAR, antialias=True)
+                         interpolation=InterpolationMode(cfg.interpolation), antialias=True)
     return to_uint8_chw(F.hflip(out) if flip else out)
 
 
-def eval_transform(img: Image.Image, resize_size: int, image_size: int) -> torch.Tensor:
+def eval_transform(img: Image.Image, resize_size: int, image_size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """The tutorial's val transform: Resize(resize_size) + CenterCrop(image_size), as uint8 CHW."""
-    img = F.resize(img, [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    img = F.resize(img, [resize_size], interpolation=InterpolationMode(interpolation), antialias=True)
     return to_uint8_chw(F.center_crop(img, [image_size, image_size]))
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import re
 import socket
 import tempfile
 import time
@@ -160,6 +161,24 @@ def _size(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
 
 
+_HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,7}")
+# The only constructor arguments a checkpoint may pass on to torchvision (see model.arch_kwargs).
+_ARCH_KWARGS = {"aux_logits": bool, "transform_input": bool, "init_weights": bool, "image_size": int, "input_size": list}
+
+
+def _arch_kwargs_ok(kw: Any) -> bool:
+    if not isinstance(kw, dict) or not set(kw) <= set(_ARCH_KWARGS):
+        return False
+    for k, v in kw.items():
+        if _ARCH_KWARGS[k] is bool and not isinstance(v, bool):
+            return False
+        if _ARCH_KWARGS[k] is int and not _size(v):
+            return False
+        if _ARCH_KWARGS[k] is list and not (isinstance(v, list) and len(v) == 2 and all(map(_size, v))):
+            return False
+    return True
+
+
 def metadata_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with a checkpoint's metadata, or None: every field a reader uses, checked
     before anything is allocated from it (the file may come from anywhere)."""
@@ -172,6 +191,10 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
          and not isinstance(meta.get("num_classes"), bool), "the number of classes"),
         ("arch", isinstance(meta.get("arch"), str)
          and meta["arch"] in torchvision.models.list_models(module=torchvision.models), "a torchvision model name"),
+        ("head", isinstance(meta.get("head", "fc"), str) and _HEAD_NAME.fullmatch(meta.get("head", "fc")) is not None,
+         "a module name such as fc or classifier.1"),
+        ("arch_kwargs", _arch_kwargs_ok(meta.get("arch_kwargs", {})), "constructor arguments tl_dist writes"),
+        ("interpolation", meta.get("interpolation", "bilinear") in ("bilinear", "bicubic"), "bilinear or bicubic"),
         ("image_size", _size(meta.get("image_size")), f"an integer from 1 to {MAX_SIZE}"),
         ("resize_size", _size(meta.get("resize_size")) and _size(meta.get("image_size"))
          and meta["resize_size"] >= meta["image_size"], f"an integer from image_size to {MAX_SIZE}"),
@@ -198,13 +221,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint: {path} is damaged (truncated or corrupt tensors): {e}") from None
-    classes = meta.get("classes")
-    fc = state.get("fc.weight")
-    if not isinstance(classes, list) or fc is None or fc.shape[0] != len(classes) \
+    classes, head = meta.get("classes"), meta.get("head", "fc")
+    rows = state.get(f"{head}.weight")
+    if not isinstance(classes, list) or rows is None or rows.shape[0] != len(classes) \
             or meta.get("num_classes") != len(classes):
         raise UserError(f"checkpoint: {path}: metadata does not match the weights "
                         f"(classes: {len(classes) if isinstance(classes, list) else '?'}, "
-                        f"num_classes: {meta.get('num_classes')}, fc rows: {None if fc is None else fc.shape[0]})")
+                        f"num_classes: {meta.get('num_classes')}, rows of {head}: "
+                        f"{None if rows is None else rows.shape[0]})")
     return state, meta
 
 
@@ -344,8 +368,17 @@ class BackgroundWriter:
     def wait(self) -> None:
         """Block until the submitted job has finished; raise its error, if it had one."""
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.result()
+        except (UserError, OSError):
+            raise  # a file that cannot be written says which, wherever it was written
+        except Exception as e:
+            if self._pool is None:
+                raise
+            raise UserError(f"checkpoint: the background writer failed: {first_line(e)}; "
+                            f"train.write_in_background=false writes between epochs instead") from e
 
     def close(self) -> None:
         """Finish what was submitted (so no complete epoch is lost), then stop the thread."""

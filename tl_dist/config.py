@@ -36,10 +36,14 @@ def _key(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
 class DataConfig:
     root: str = _key("data/hymenoptera_data", "folder holding train/ and val/, one sub-folder per class")
     demo: bool = _key(False, "generate the synthetic demo set into root (a missing or empty folder) if not there")
-    image_size: int = _key(224, "RandomResizedCrop / CenterCrop size")
-    resize_size: int = _key(256, "val Resize before the centre crop")
-    mean: list[float] = _key(list(IMAGENET_MEAN), "Normalize mean (RGB)")
-    std: list[float] = _key(list(IMAGENET_STD), "Normalize std (RGB)")
+    image_size: int | None = _key(None, "RandomResizedCrop / CenterCrop size; null = the size the model's weights "
+                                  "were trained at (224 for resnet18)")
+    resize_size: int | None = _key(None, "val Resize before the centre crop; null = the weights' (256 for resnet18), "
+                                   "scaled in proportion when image_size is set")
+    interpolation: str | None = _key(None, "resize interpolation (train crop and val resize); null = the weights' "
+                                     "(bilinear for resnet18, bicubic for EfficientNet)", ("bilinear", "bicubic"))
+    mean: list[float] | None = _key(None, "Normalize mean (RGB); null = the weights' (ImageNet's)")
+    std: list[float] | None = _key(None, "Normalize std (RGB); null = the weights' (ImageNet's)")
     scale: list[float] = _key([0.08, 1.0], "RandomResizedCrop scale [min, max]")
     ratio: list[float] = _key([3 / 4, 4 / 3], "RandomResizedCrop aspect ratio [min, max]")
     hflip: bool = _key(True, "RandomHorizontalFlip")
@@ -57,21 +61,22 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _key("resnet18", "torchvision model with an fc head (the ResNet family)")
-    weights: str = _key("imagenet", "imagenet (torchvision's, downloaded once), none, or a path to a .pth "
-                        "state dict or .safetensors")
-    mode: str = _key("finetune", "finetune: every layer trains; frozen: only the new fc; frozen_then_finetune: "
+    arch: str = _key("resnet18", "any torchvision classification model (resnet50, efficientnet_b0, convnext_tiny, "
+                     "vit_b_16, ...: torchvision.models.list_models())")
+    weights: str = _key("imagenet", "imagenet (the model's DEFAULT torchvision weights, downloaded once), a weights "
+                        "name such as IMAGENET1K_V2, none, or a path to a .pth state dict or .safetensors")
+    mode: str = _key("finetune", "finetune: every layer trains; frozen: only the new classifier; frozen_then_finetune: "
                      "frozen for unfreeze_epoch epochs, then every layer", ("finetune", "frozen", "frozen_then_finetune"))
     unfreeze_epoch: int | None = _key(None, "frozen_then_finetune: the first epoch (0-based) that trains the backbone")
-    frozen_bn: str = _key("eval", "a frozen backbone's BatchNorm: eval keeps its statistics fixed; train = the "
-                          "tutorial (statistics keep moving)", ("eval", "train"))
-    channels_last: bool = _key(True, "channels-last memory format (faster convolutions)")
+    frozen_bn: str = _key("eval", "a frozen backbone in eval mode: BatchNorm statistics fixed, dropout and stochastic "
+                          "depth off; train = the tutorial (BatchNorm statistics keep moving)", ("eval", "train"))
+    channels_last: bool = _key(True, "channels-last memory format (faster convolutions; ViT and Swin ignore it)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _key(0.001, "SGD learning rate of the new fc (and of the backbone unless backbone_lr is set)")
-    backbone_lr: float | None = _key(None, "learning rate of every layer but fc; null = lr")
+    lr: float = _key(0.001, "SGD learning rate of the new classifier (and of the backbone unless backbone_lr is set)")
+    backbone_lr: float | None = _key(None, "learning rate of every layer but the new classifier; null = lr")
     momentum: float = _key(0.9, "SGD momentum")
     weight_decay: float = _key(0.0, "SGD weight decay")
 
@@ -95,6 +100,8 @@ class TrainSection:
     collective_timeout: int = _key(1800, "seconds a process waits for the others in a collective before the "
                                    "job ends with an error (a process frozen or hung)")
     sync_batchnorm: bool = _key(False, "BatchNorm statistics over the global batch (CUDA, several processes)")
+    write_in_background: bool | None = _key(None, "write checkpoint files on a thread while the next epoch trains; "
+                                            "null = on a GPU yes, on the CPU no (between epochs)")
     plots: bool = _key(True, "draw train_batch.png, val_predictions.png, curves.png, confusion_matrix.png")
     compile: bool = _key(False, "torch.compile the model")
     compile_mode: str = _key("default", "torch.compile mode; reduce-overhead = CUDA graphs, for small batches "
@@ -117,15 +124,15 @@ class Config:
 
 # Range checks that a type alone cannot express: key -> (predicate, what is expected).
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "data.image_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
-    "data.resize_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
+    "data.image_size": (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
+    "data.resize_size": (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
     "data.batch_size": (lambda v: v > 0, "a positive integer"),
     "data.eval_batch_size": (lambda v: v >= 0, "0 (auto) or a positive integer"),
     "data.num_workers": (lambda v: 0 <= v <= 256, "from 0 to 256"),
     "data.cache_gb": (lambda v: v >= 0, "0 or more"),
     "data.device_cache_gb": (lambda v: v is None or v >= 0, "0 or more, or null for half the GPU's memory"),
-    "data.mean": (lambda v: len(v) == 3, "a list of 3 numbers"),
-    "data.std": (lambda v: len(v) == 3 and all(s > 0 for s in v), "a list of 3 positive numbers"),
+    "data.mean": (lambda v: v is None or len(v) == 3, "a list of 3 numbers"),
+    "data.std": (lambda v: v is None or (len(v) == 3 and all(s > 0 for s in v)), "a list of 3 positive numbers"),
     "data.scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1"),
     "data.ratio": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max"),
     "model.unfreeze_epoch": (lambda v: v is None or v > 0, "a positive integer (epochs trained frozen)"),
@@ -147,7 +154,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 def validate(cfg: Config, source: str) -> None:
     """Rules between keys, checked once everything is set."""
-    if cfg.data.resize_size < cfg.data.image_size:
+    if None not in (cfg.data.resize_size, cfg.data.image_size) and cfg.data.resize_size < cfg.data.image_size:
         raise UserError(f"config: data.resize_size ({cfg.data.resize_size}) must be at least data.image_size "
                         f"({cfg.data.image_size}): val images are resized, then centre-cropped (in {source})")
     m = cfg.model

@@ -101,7 +101,7 @@ class ImageDataset(Dataset):
         hit = self.cache.get(index)
         if isinstance(hit, torch.Tensor):  # the val transform is deterministic: cached fully done
             return hit
-        return eval_transform(self._decoded(index), self.cfg.resize_size, self.cfg.image_size)
+        return eval_transform(self._decoded(index), self.cfg.resize_size, self.cfg.image_size, self.cfg.interpolation)
 
     def __getitem__(self, key: tuple[int, int, float]):
         index, epoch, weight = key
@@ -203,6 +203,7 @@ class Data:
     train_sampler: TrainBatchSampler
     cache: str  # where decoded images are kept: ram, device or none
     workers: int  # loader workers actually used
+    warning: str | None = None  # for the run's log: a data path that was given up, and why
 
     @property
     def cached(self) -> bool:
@@ -257,15 +258,24 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
     eval_sampler = EvalBatchSampler(len(val), cfg.eval_batch_size or 8 * cfg.batch_size, world, rank)
+    warning = None
     if place == "device":
         train_labels, val_labels = [label for _, label in train], [label for _, label in val]
-        return Data(classes, train_ds, val_ds,
-                    device_data.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads),
-                    device_data.eval_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device),
-                    sampler, place, 0)
+        train_loader = device_data.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads)
+        problem = device_data.disagreement(train_loader, train_ds.__getitem__)
+        if problem is None:
+            return Data(classes, train_ds, val_ds, train_loader,
+                        device_data.eval_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device),
+                        sampler, place, 0)
+        del train_loader
+        warning = (f"warning: data.cache=device: the {device.type} augmentation disagrees with the PIL path on "
+                   f"the first batch ({problem}); training on the host path (data.cache=ram) instead")
+        place = "ram"
+        train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
     pin = device.type == "cuda"
     # Training on the CPU from the RAM cache: what is left to load is light, and loader workers
     # would only take cores from the model (measured on 2 cores: 0 workers is fastest).
     workers = 0 if place == "ram" and not pin else cfg.num_workers
     return Data(classes, train_ds, val_ds, _loader(train_ds, sampler, workers, pin),
-                _loader(val_ds, eval_sampler, 0 if place == "ram" else workers, pin), sampler, place, workers)
+                _loader(val_ds, eval_sampler, 0 if place == "ram" else workers, pin), sampler, place, workers,
+                warning)

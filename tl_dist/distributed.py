@@ -83,6 +83,14 @@ def make_accelerator(cfg: Config):
     return acc, mp
 
 
+def reset_state() -> None:
+    """Forget this process's Accelerator, so the next run in the same process (the doctor's
+    self-test runs several) can make its own with other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def rewrap_unfrozen(accelerator, net):
     """Train the backbone from now on, correctly under DDP.
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .augment import normalize
 from .data import TrainBatchSampler
 from .distributed import gather_union, reduce_sum
-from .model import HEAD, set_train_mode
+from .model import head_module, set_train_mode
 
 
 @dataclass
@@ -128,16 +128,16 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
 
 
 class HeadInputs:
-    """The val set's inputs to ``fc`` under a fixed backbone, kept after the first evaluation.
+    """The val set's inputs to the classifier under a fixed backbone, kept after the first evaluation.
 
-    With the backbone frozen and its BatchNorm in eval mode, the network up to ``fc`` is the same
+    With the backbone frozen and its BatchNorm in eval mode, the network up to the classifier is the same
     function in every epoch and the val transform is deterministic, so these inputs never change:
-    later evaluations run ``fc`` alone on them and get the same bits as a full forward pass, in a
+    later evaluations run the classifier alone on them and get the same bits as a full forward pass, in a
     fraction of the time. The caller creates one only where they fit its memory budget.
     """
 
     def __init__(self) -> None:
-        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (x_fc, y, w)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (classifier input, y, w)
 
 
 @torch.inference_mode()
@@ -151,7 +151,7 @@ def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epo
     t0 = time.perf_counter()
     net = accelerator.unwrap_model(model)
     set_train_mode(net, False, ctx.frozen, ctx.frozen_bn)
-    head = getattr(net, HEAD)
+    head = head_module(net)
     dev = accelerator.device
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=dev, dtype=torch.float64)

@@ -9,7 +9,9 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
+from . import model as model_lib
 from .config import Config
 from .engine import StepContext, TrainStep, step_sums
 from .errors import UserError
@@ -34,8 +36,32 @@ def check_cuda_graphs(cfg: Config, device: torch.device, processes: int, mp: str
          mp == "fp16"),
         ("train.compile=false (compile_mode=reduce-overhead makes its own graphs)", t.compile),
     ) if bad]
+    drawn = random_layers(cfg)
+    if drawn:
+        kinds = "/".join(sorted({type(m).__name__ for _, m in drawn}))
+        why.append(f"a train step without random draws, which a replay could not be checked against "
+                   f"({cfg.model.arch} in {cfg.model.mode} mode trains {len(drawn)} {kinds} layer(s), "
+                   f"the first at {drawn[0][0]})")
     if why:
         raise UserError(f"config: train.cuda_graphs=true needs {'; and '.join(why)}")
+
+
+RANDOM_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                 torch.nn.FeatureAlphaDropout, torchvision.ops.StochasticDepth)
+
+
+def random_layers(cfg: Config) -> list[tuple[str, torch.nn.Module]]:
+    """Layers that draw random numbers in some train step of this run (dropout, stochastic depth in
+    train mode), as (name, module). A frozen backbone runs in eval mode: only its head would count."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            net = model_lib.create(cfg.model.arch, 2, model_lib.arch_kwargs(cfg.model, cfg.data.image_size or 224))
+    except NotImplementedError:  # RegNet (built from real tensors) has neither
+        return []
+    head = model_lib.head_name(net)
+    whole = cfg.model.mode != "frozen" or cfg.model.frozen_bn == "train"
+    return [(n, m) for n, m in net.named_modules()
+            if isinstance(m, RANDOM_LAYERS) and m.p > 0 and (whole or n == head or model_lib.in_head(n, head))]
 
 
 class GraphedStep:

@@ -35,16 +35,18 @@ class Predictor:
         import torch
 
         from . import checkpoint
-        from .model import create
+        from .model import create, head_name, load_state
 
         state, meta = checkpoint.load_weights(checkpoint.resolve(path))  # metadata checked there
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
             raise UserError("predict: --device cuda but no CUDA device is available; use --device cpu")
-        model = create(meta["arch"], meta["num_classes"])
+        model = create(meta["arch"], meta["num_classes"], meta.get("arch_kwargs", {}))
         try:
-            model.load_state_dict(state)
+            if head_name(model) != meta.get("head", "fc"):
+                raise RuntimeError(f"its classifier is {head_name(model)}, the checkpoint's is {meta.get('head', 'fc')}")
+            load_state(model, state)
         except RuntimeError as e:
             raise UserError(f"checkpoint: {path}: weights do not match arch {meta['arch']!r}: "
                             f"{first_line(e)}") from None
@@ -57,7 +59,8 @@ class Predictor:
         from .images import load_rgb, to_rgb
 
         img = to_rgb(item) if isinstance(item, Image.Image) else load_rgb(str(item))
-        return eval_transform(img, self.meta["resize_size"], self.meta["image_size"])
+        return eval_transform(img, self.meta["resize_size"], self.meta["image_size"],
+                              self.meta.get("interpolation", "bilinear"))
 
     def predict(self, items: Iterable, topk: int | None = None, batch_size: int = 32) -> list[dict]:
         """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error."""

@@ -12,7 +12,7 @@ from .config import Config
 
 
 def base_lrs(cfg: Config) -> list[float]:
-    """The learning rate of each optimizer group: [fc] in frozen mode, [fc, backbone] otherwise."""
+    """The learning rate of each optimizer group: [head] in frozen mode, [head, backbone] otherwise."""
     if cfg.model.mode == "frozen":
         return [cfg.optim.lr]
     return [cfg.optim.lr, cfg.optim.backbone_lr if cfg.optim.backbone_lr is not None else cfg.optim.lr]
@@ -32,7 +32,7 @@ def set_lrs(optimizer: torch.optim.Optimizer, cfg: Config, epoch: int) -> list[f
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD over fc and (unless frozen) the backbone, as two groups with their own learning rates.
+    """SGD over the new classifier and (unless frozen) the backbone, as two groups with their own learning rates.
 
     In frozen_then_finetune the backbone is in the optimizer from the start; while it is frozen its
     parameters get no gradient and SGD leaves them (and their momentum) untouched.

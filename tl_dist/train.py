@@ -80,8 +80,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.train
     try:
         path, overrides, print_only = parse(argv, prog)
         cfg = config.load(path, overrides)
-        if print_only:
-            print(config.dump(cfg), end="")
+        if print_only:  # with what the model's weights fill in (image sizes, normalisation)
+            from .model import resolve
+            print(config.dump(resolve(cfg)), end="")
             return 0
         if path is None and rank0:
             print(f"note: no config file given: the built-in defaults{' and the overrides' if overrides else ''} "

@@ -52,7 +52,9 @@ def fit(cfg: Config) -> RunResult:
 
     Returns (or raises) only once every epoch's files are on disk.
     """
-    writer = checkpoint.BackgroundWriter(background=write_in_background())
+    cfg = model_lib.resolve(cfg)  # the model and its input size checked, preprocessing filled in
+    background = cfg.train.write_in_background
+    writer = checkpoint.BackgroundWriter(background=write_in_background() if background is None else background)
     lock = checkpoint.RunLock()  # taken by rank 0 in set-up, released once every file is written
     try:
         with StopRequest() as stop:
@@ -155,13 +157,15 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     seed_everything(cfg.train.seed)
 
     d, fingerprint = prepare_data(cfg, accelerator, log)
-    net = agree(accelerator, model_lib.build, cfg.model, len(d.classes))
+    if d.warning:
+        log(d.warning)
+    net = agree(accelerator, model_lib.build, cfg.model, len(d.classes), cfg.data.image_size)
     # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
     state = (on_main_then_share(accelerator, lambda: read_resume(cfg, model_identity(cfg, d.classes)))
              if cfg.train.resume != "none" else None)
     if state is not None:
         try:
-            net.load_state_dict(state.model)
+            model_lib.load_state(net, state.model)
         except (RuntimeError, KeyError, TypeError) as e:
             raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
                             f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
@@ -170,7 +174,8 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
 
     if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if cfg.model.channels_last:
+    channels_last = model_lib.uses_channels_last(cfg.model)
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         net.compile(mode=cfg.train.compile_mode)
@@ -196,11 +201,14 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     if cfg.train.cuda_graphs:  # (its needs were checked above)
         step = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
                            capture=accelerator.device.type == "cuda", fallback=step)
-    ctx = StepContext(cfg.data.mean, cfg.data.std, cfg.model.channels_last, frozen, cfg.model.frozen_bn,
+    ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn,
                       cfg.train.grad_accum_steps)
     meta = {
         "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
+        "arch_kwargs": model_lib.arch_kwargs(cfg.model, cfg.data.image_size),
+        "head": model_lib.head_name(accelerator.unwrap_model(net)),
         "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
+        "interpolation": cfg.data.interpolation,
         "mean": cfg.data.mean, "std": cfg.data.std, "world_size": accelerator.num_processes,
         "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
         "data_path": d.describe(accelerator.device),
@@ -217,8 +225,11 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
 
     # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs) when
     # they fit the host cache budget (fp32 size, an upper bound: one vector per val image).
-    feature_bytes = len(d.val) * getattr(accelerator.unwrap_model(net), model_lib.HEAD).in_features * 4
-    keep_features = frozen and cfg.model.frozen_bn == "eval" and feature_bytes <= cfg.data.cache_gb * 2**30
+    # Only for a Linear head: its output is the model's (SqueezeNet's conv head is followed by pooling).
+    head = model_lib.head_module(accelerator.unwrap_model(net))
+    feature_bytes = len(d.val) * getattr(head, "in_features", 0) * 4
+    keep_features = (frozen and cfg.model.frozen_bn == "eval" and isinstance(head, torch.nn.Linear)
+                     and feature_bytes <= cfg.data.cache_gb * 2**30)
     return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta,
                HeadInputs() if keep_features else None)
 
@@ -408,7 +419,7 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
         return RunResult(out, state.best_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
 
     if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
-        acc.unwrap_model(run.net).load_state_dict(state.best_model)
+        model_lib.load_state(acc.unwrap_model(run.net), state.best_model)
     if acc.is_main_process:
         summary(state, total, out)
         if run.cfg.train.plots and state.best_model is not None:
