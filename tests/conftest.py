@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+from tl_dist.doctor import free_port  # noqa: F401 - the tests' port helper too
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small crops keep every end-to-end run to seconds on 2 cores; the code paths are the real ones.
@@ -46,9 +47,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def _fresh_accelerate_state():
     """accelerate keeps process-wide state; tests that train in-process each start clean."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    from tl_dist.distributed import reset_state
+    reset_state()
 
 
 def train_in_process(out, data_dir, *over) -> int:
@@ -61,22 +61,6 @@ def train_in_process(out, data_dir, *over) -> int:
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
-
-
-def free_port() -> int:
-    """A port for a job's rendezvous that nothing holds now. Drawn below Linux's ephemeral range
-    (32768 and up), where gloo's own connections and every outgoing socket take their ports, so the
-    job's store cannot lose its port to one of them between this check and its bind."""
-    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    for _ in range(100):
-        port = random.randint(20000, max(20001, low - 1))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port found for the test job")
 
 
 def accelerate_launch(n: int, *args: str, timeout: int = 300, extra: tuple = ()) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
     tl-dist train CONFIG [section.key=value ...]        train (also: python -m tl_dist.train)
     tl-dist predict IMAGE|DIR ... [--checkpoint RUN]    predict (also: python -m tl_dist.predict)
+    tl-dist doctor [--json]                             environment and a self-test of every feature
 
 Several processes: accelerate launch [...] -m tl_dist.train CONFIG [...], or ./launch.sh CONFIG.
 """
@@ -18,6 +19,7 @@ from . import __version__
 COMMANDS = {
     "train": ("tl_dist.train", "fine-tune or train a frozen-backbone classifier from a YAML config"),
     "predict": ("tl_dist.predict", "predict image classes with a checkpoint (needs nothing else)"),
+    "doctor": ("tl_dist.doctor", "this machine's environment, and a self-test of every feature it can run"),
 }
 
 
