@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tl_dist import runs
+
 from .conftest import FAST, ROOT
 
 pytestmark = pytest.mark.e2e
@@ -60,9 +62,10 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, uninterrupted
     out = tmp_path / "run"
     rc, _, _, _ = _interrupt(tiny_data, out, signal.SIGKILL, after_epochs=2)
     assert rc == -signal.SIGKILL and _epochs_done(out) < EPOCHS  # it really died mid-run
+    assert runs.describe(out, tmp_path)["status"] == "killed, resumable"  # as `tl-dist runs` shows it
     r = subprocess.run(_cmd(tiny_data, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
+    assert "resuming" in r.stdout and runs.describe(out, tmp_path)["status"] == "complete"
     assert _same(load_file(str(out / "last.safetensors")), uninterrupted[0])
     best = json.loads((out / "best.json").read_text())
     assert (best["epoch"], best["val_acc"]) == (uninterrupted[1]["epoch"], uninterrupted[1]["val_acc"])

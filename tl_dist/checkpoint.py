@@ -276,6 +276,7 @@ class RunLock:
     def __init__(self) -> None:
         self._fd: int | None = None
         self._path: Path | None = None
+        self.segment_started = False  # set once the run starts writing here (status.json: running)
 
     def acquire(self, folder: Path) -> None:
         path = folder / self.NAME

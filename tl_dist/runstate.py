@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,17 @@ def changes(state: RunState, data: dict, config: dict) -> dict[str, list]:
         out.update({k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
                     if k not in EXPECTED_CHANGES and old.get(k) != new.get(k)})
     return out
+
+
+STATUS = "status.json"
+
+
+def write_status(out: Path, status: str, detail: str = "") -> None:
+    """How the run's latest segment stands: running (so a killed run still says running, with no
+    live process), then complete, interrupted or failed with its one-line reason. ``tl-dist runs``
+    reads it."""
+    info = {"status": status, "detail": detail, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    checkpoint.atomic_write_text(out / STATUS, json.dumps(info, allow_nan=False) + "\n")
 
 
 def record_resume(out: Path, after_epoch: int, changed: dict[str, list]) -> None:

@@ -35,7 +35,7 @@ from .errors import UserError, drop_stdout, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
 from .runstate import (RunState, changes, data_fingerprint, model_identity, read_resume, record_resume,
-                       rng_state, save_epoch, seed_everything, set_rng_state)
+                       rng_state, save_epoch, seed_everything, set_rng_state, write_status)
 
 
 @dataclass
@@ -65,16 +65,30 @@ def fit(cfg: Config) -> RunResult:
                 if failure is None:
                     raise
                 raise failure from None
-    except BaseException:
+    except BaseException as e:
         try:  # keep the last complete epoch; the error in flight is the one to report
             writer.close()
-        except Exception as e:
-            print(f"warning: {one_line(e)}", file=sys.stderr, flush=True)
+        except Exception as e2:
+            print(f"warning: {one_line(e2)}", file=sys.stderr, flush=True)
+        end_status(cfg, lock, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                   "" if isinstance(e, KeyboardInterrupt) else one_line(first_line(e))[:300])
         lock.release()
         raise
     writer.close()
+    end_status(cfg, lock, "interrupted" if result.interrupted else "complete")
     lock.release()
     return result
+
+
+def end_status(cfg: Config, lock: checkpoint.RunLock, status: str, detail: str = "") -> None:
+    """Rank 0, once its segment started: how it ended, in status.json. Never hides the run's own error."""
+    if not lock.segment_started:
+        return  # refused before it began (another run's directory, a lock held): not ours to mark
+    try:
+        write_status(Path(cfg.train.output_dir), status, detail)
+    except OSError as e:
+        print(f"warning: cannot write {Path(cfg.train.output_dir) / 'status.json'}: {e.strerror}",
+              file=sys.stderr, flush=True)
 
 
 def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lock: checkpoint.RunLock) -> RunResult:
@@ -270,6 +284,8 @@ def prepare_output_dir(path: Path, lock: checkpoint.RunLock, resume: str) -> Non
                         f"{best['val_acc']:.4f} at epoch {best['epoch']}); choose another train.output_dir, or move "
                         f"that run away first")
     checkpoint.remove_stale_temp_files(path)
+    write_status(path, "running")
+    lock.segment_started = True  # from here on this run's end is this directory's news
 
 
 def versions() -> dict[str, str]:
