@@ -69,6 +69,7 @@ def test_every_family_frozen_run_keeps_the_backbone_and_predicts_as_it_scored(ar
     assert sum(r["label"] == x.parent.name for r, x in zip(res, paths)) / len(paths) == best["val_acc"]
 
 
+@pytest.mark.e2e  # (in-process, but a minute for all families on 2 cores)
 @pytest.mark.parametrize("arch,size,norm", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_every_family_finetune_moves_the_backbone_and_frozen_holds_it(arch, size, norm):
     """SGD steps in train mode: finetune changes backbone weights; frozen changes only the head
@@ -103,6 +104,7 @@ def _no_init(monkeypatch):
         monkeypatch.setattr(torch.nn.init, name, lambda *a, **k: a[0] if a else k.get("tensor"))
 
 
+@pytest.mark.e2e  # (constructors only, but 80 of them)
 def test_every_classification_model_builds_with_a_new_head(monkeypatch):
     """The head rule picks, for every model torchvision ships, exactly the layers whose shape
     follows the class count (aux classifiers are turned off)."""

@@ -1,10 +1,13 @@
 """tl-dist runs: every run under a folder with how it stands, from its files alone."""
 import json
 
+import pytest
+
 from .conftest import run_cli
 from .conftest import train_in_process as _run
 
 
+@pytest.mark.e2e
 def test_runs_lists_complete_and_failed_runs_and_a_refused_start_changes_nothing(tiny_data, tmp_path):
     root = tmp_path / "runs"
     assert _run(root / "good", tiny_data, "train.epochs=2") == 0

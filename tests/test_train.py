@@ -247,3 +247,22 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_data, tmp_path):
 def test_every_file_of_a_run_has_the_same_mode_as_its_pictures(finetune_run):
     modes = {p.name: p.stat().st_mode & 0o777 for p in finetune_run.iterdir() if not p.name.startswith(".")}
     assert len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.parametrize("n", [2, 12, 50])
+def test_pictures_stay_legible_with_many_classes_and_long_names(tmp_path, n):
+    """Captions wrap instead of running into the next tile; the confusion matrix (counts and the
+    row-normalised view) grows with the class count instead of cutting names."""
+    from tl_dist import visualize
+    names = [f"class_{i:02d}_with_a_thirty_char_nm"[:30] for i in range(n)]
+    g = torch.Generator().manual_seed(n)
+    cm = torch.randint(0, 5, (n, n), generator=g) + torch.diag(torch.randint(10, 40, (n,), generator=g))
+    visualize.confusion_matrix(cm, names, tmp_path / "cm.png")
+    items = [(torch.zeros(3, 32, 32, dtype=torch.uint8), f"pred: {names[i % n]} (0.90)\ntrue: {names[0]}", i % 2 == 0)
+             for i in range(8)]
+    visualize.grid(items, tmp_path / "grid.png")
+    assert all(len(line) <= visualize.CAPTION_CHARS for line in visualize._wrap(items[1][1]).splitlines())
+    with Image.open(tmp_path / "cm.png") as im:
+        assert im.width >= 350 + 30 * n and im.height >= 200 + 14 * n
+    with Image.open(tmp_path / "grid.png") as im:
+        im.verify()

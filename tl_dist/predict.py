@@ -129,9 +129,9 @@ def default_checkpoint() -> Path:
 
 def save_plot(predictor: Predictor, results: list[dict], path: str) -> None:
     """The images as the model saw them (the checkpoint's val transform), captioned with the prediction."""
-    from .visualize import GREEN, grid, tile
+    from .visualize import grid
 
-    tiles = [(tile(predictor._tensor(r["path"])), f"predicted: {r['label']} ({r['prob']:.2f})", GREEN)
+    tiles = [(predictor._tensor(r["path"]), f"predicted: {r['label']} ({r['prob']:.2f})", None)
              for r in results[:16] if "error" not in r]
     if not tiles:
         raise UserError(f"predict: --save-plot {path}: no image could be predicted, nothing to draw")

@@ -1,56 +1,75 @@
-"""The tutorial's pictures as PNG files, drawn with Pillow (no display, no plotting dependency):
-a training batch, val predictions, loss/accuracy curves and the confusion matrix.
+"""The tutorial's pictures as PNG files, drawn with matplotlib as the tutorial does: a training batch,
+val predictions, loss / accuracy / learning-rate curves and the confusion matrix.
+
+Headless: figures are drawn on matplotlib's Agg canvas through its object API, never through pyplot,
+so no display is needed and nothing changes the backend of a program that imports this.
+Legible from 2 to 50 classes and with long class names: captions wrap, axis labels rotate and the
+figures grow with the class count.
 """
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .augment import normalize
 from .data import ImageDataset, epoch_order
 
-TILE = 224
-WHITE, BLACK, GREY = (255, 255, 255), (20, 20, 20), (150, 150, 150)
-GREEN, RED, BLUE, ORANGE = (30, 140, 60), (200, 40, 40), (40, 90, 200), (230, 120, 20)
+GREEN, RED, BLACK = "#1e8c3c", "#c82828", "#141414"
+TRAIN, VAL = "#2a5ad0", "#e6781e"
+CAPTION_CHARS = 38  # per caption line under a 2.6-inch tile at 8 pt
+LABEL_CHARS = 32  # longer class names are cut (with ...) on the confusion matrix's axes
 
 
-def font(size: int = 14) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
+def _short(name: str, n: int = LABEL_CHARS) -> str:
+    return name if len(name) <= n else name[:n - 3] + "..."
 
 
-def tile(img: torch.Tensor) -> Image.Image:
-    """uint8 CHW -> PIL, scaled to the tile size."""
-    return Image.fromarray(img.permute(1, 2, 0).numpy()).resize((TILE, TILE))
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=100)
 
 
-def grid(tiles: list[tuple[Image.Image, str, tuple]], path: Path, cols: int = 4) -> None:
-    """Tiles with a caption line under each; caption colour per tile."""
-    rows = (len(tiles) + cols - 1) // cols
-    cap = 22
-    canvas = Image.new("RGB", (cols * (TILE + 8) + 8, rows * (TILE + cap + 8) + 8), WHITE)
-    d = ImageDraw.Draw(canvas)
-    f = font(14)
-    for k, (im, text, colour) in enumerate(tiles):
-        x, y = 8 + (k % cols) * (TILE + 8), 8 + (k // cols) * (TILE + cap + 8)
-        canvas.paste(im, (x, y))
-        if colour == RED:
-            d.rectangle([x - 3, y - 3, x + TILE + 2, y + TILE + 2], outline=RED, width=3)
-        d.text((x, y + TILE + 4), text, fill=colour, font=f)
-    canvas.save(path)
+def _wrap(text: str) -> str:
+    """Each line of a caption wrapped to the tile's width (long class names break, never overflow)."""
+    return "\n".join(textwrap.fill(line, CAPTION_CHARS, break_long_words=True) for line in text.split("\n"))
+
+
+def grid(items: list[tuple[torch.Tensor, str, bool | None]], path: Path, cols: int = 4) -> None:
+    """uint8 CHW images with a caption under each: green if right, red (and framed) if wrong,
+    black when there is nothing to be right about."""
+    cols = max(1, min(cols, len(items)))
+    rows = math.ceil(len(items) / cols)
+    captions = [_wrap(text) for _, text, _ in items]
+    lines = max(c.count("\n") + 1 for c in captions)
+    fig = Figure(figsize=(2.6 * cols, (2.6 + 0.17 * lines) * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, _, ok), caption in zip(axes.flat, items, captions):
+        ax.imshow(img.permute(1, 2, 0).numpy())
+        colour = BLACK if ok is None else (GREEN if ok else RED)
+        ax.set_title(caption, fontsize=8, color=colour, loc="left")
+        if ok is False:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color(RED)
+                spine.set_linewidth(3)
+    _save(fig, path)
 
 
 def train_batch(ds: ImageDataset, classes: list[str], path: Path, seed: int, n: int = 8) -> None:
     """The first augmented samples of epoch 0, as the tutorial's "visualize a few images" shows them."""
-    tiles = []
+    items = []
     for i in epoch_order(len(ds), seed, 0)[:n]:
         img, label, _, _ = ds[(i, 0, 1.0)]
-        tiles.append((tile(img), classes[label], BLACK))
-    grid(tiles, path)
+        items.append((img, classes[label], None))
+    grid(items, path)
 
 
 @torch.inference_mode()
@@ -61,67 +80,82 @@ def val_predictions(model, ds: ImageDataset, classes: list[str], ctx, device, pa
     x = normalize(torch.stack([it[0] for it in items]).to(device), ctx.mean, ctx.std, ctx.channels_last)
     model.eval()
     pred = model(x).float().softmax(1).cpu()
-    tiles = []
+    out = []
     for (img, label, _, _), p in zip(items, pred):
         k = int(p.argmax())
-        ok = k == label
-        tiles.append((tile(img), f"pred: {classes[k]} ({p[k]:.2f}) true: {classes[label]}", GREEN if ok else RED))
-    grid(tiles, path)
+        out.append((img, f"pred: {classes[k]} ({p[k]:.2f})\ntrue: {classes[label]}", k == label))
+    grid(out, path)
 
 
-def _plot(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: list[tuple[str, list[float], tuple]],
-          title: str, f) -> None:
-    x0, y0, x1, y1 = box
-    values = [v for _, s, _ in series for v in s]
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    d.rectangle(box, outline=GREY)
-    d.text((x0, y0 - 20), title, fill=BLACK, font=f)
-    d.text((x0 - 52, y0), f"{hi:.3f}", fill=GREY, font=f)
-    d.text((x0 - 52, y1 - 14), f"{lo:.3f}", fill=GREY, font=f)
-    n = max(len(s) for _, s, _ in series)
-    for k, (name, s, colour) in enumerate(series):
-        pts = [(x0 + (x1 - x0) * (i / max(1, n - 1)), y1 - (y1 - y0) * (v - lo) / (hi - lo)) for i, v in enumerate(s)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for px, py in pts:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        d.text((x1 - 90, y0 + 6 + 16 * k), name, fill=colour, font=f)
-    d.text((x0, y1 + 4), "epoch 0", fill=GREY, font=f)
-    d.text((x1 - 60, y1 + 4), f"epoch {n - 1}", fill=GREY, font=f)
+def _spans_decades(values: list[float]) -> bool:
+    pos = [v for v in values if v is not None and v > 0]
+    return len(pos) > 1 and max(pos) / min(pos) > 10
 
 
 def curves(history: list[dict], path: Path) -> None:
-    img = Image.new("RGB", (1000, 420), WHITE)
-    d = ImageDraw.Draw(img)
-    f = font(14)
-    _plot(d, (70, 40, 480, 370), [("train", [r["train_loss"] for r in history], BLUE),
-                                  ("val", [r["val_loss"] for r in history], ORANGE)], "loss", f)
-    _plot(d, (570, 40, 980, 370), [("train", [r["train_acc"] for r in history], BLUE),
-                                   ("val", [r["val_acc"] for r in history], ORANGE)], "accuracy", f)
-    img.save(path)
+    """Loss (log scale when it spans more than 10x), accuracy and the learning rates per epoch, the
+    best epoch (highest val accuracy, first on ties, as the run picks it) marked on all three."""
+    epochs = [r["epoch"] for r in history]
+    best = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    loss, acc, lr = fig.subplots(1, 3)
+    for ax, key, title in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
+        for split, colour in (("train", TRAIN), ("val", VAL)):
+            ax.plot(epochs, [r[f"{split}_{key}"] for r in history], marker="o", ms=4, color=colour, label=split)
+        ax.set_title(title)
+    if _spans_decades([r[k] for r in history for k in ("train_loss", "val_loss")]):
+        loss.set_yscale("log")
+    acc.annotate(f"best val acc {best['val_acc']:.4f}\nepoch {best['epoch']}", (best["epoch"], best["val_acc"]),
+                 xytext=(0.5, 0.12), textcoords="axes fraction", ha="center", fontsize=9,
+                 arrowprops={"arrowstyle": "->", "color": "grey"})
+    lr.plot(epochs, [r["lr"] for r in history], marker="o", ms=4, color=BLACK, label="head")
+    if any(r.get("backbone_lr") not in (None, r["lr"]) for r in history):  # a line of its own only if it differs
+        lr.plot(epochs, [r.get("backbone_lr") if r.get("backbone_lr") is not None else float("nan") for r in history],
+                marker="s", ms=4, color="#7a3fb0", label="backbone")
+    if _spans_decades([r["lr"] for r in history] + [r.get("backbone_lr") for r in history]):
+        lr.set_yscale("log")
+    lr.set_title("learning rate")
+    for ax in (loss, acc, lr):
+        ax.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {best['epoch']})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        # below the axes, never over the data
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=9, frameon=False)
+    _save(fig, path)
 
 
 def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
+    """Counts and the row-normalised view (each true class's share per prediction: its recall on
+    the diagonal) side by side; the figure grows with the class count."""
     c = len(classes)
-    cell = max(28, min(90, 700 // c))
-    left, top = 150, 60
-    img = Image.new("RGB", (left + c * cell + 20, top + c * cell + 40), WHITE)
-    d = ImageDraw.Draw(img)
-    f = font(12)
-    d.text((left, 8), "confusion matrix (rows: true, columns: predicted)", fill=BLACK, font=f)
-    peak = max(1, int(cm.max()))
-    for t in range(c):
-        d.text((8, top + t * cell + cell // 2 - 7), classes[t][:18], fill=BLACK, font=f)
-        d.text((left + t * cell + 2, top - 20), classes[t][:max(3, cell // 8)], fill=BLACK, font=f)
-        for p in range(c):
-            v = int(cm[t, p])
-            shade = int(255 - 200 * v / peak)
-            box = [left + p * cell, top + t * cell, left + (p + 1) * cell - 1, top + (t + 1) * cell - 1]
-            d.rectangle(box, fill=(shade, shade, 255) if t == p else (255, shade, shade), outline=GREY)
-            d.text((box[0] + 4, box[1] + cell // 2 - 7), str(v), fill=BLACK, font=f)
-    img.save(path)
+    counts = cm.double()
+    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    cell = 0.55 if c <= 12 else max(0.28, 6.6 / c)
+    label_in = 0.075 * max(len(_short(n)) for n in classes)  # room for the longest label, in inches
+    side = max(4.0, c * cell + label_in + 1.2)
+    fig = Figure(figsize=(2 * side + 1.0, c * cell + label_in + 1.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    font = 9 if c <= 12 else max(6, 9 - c // 10)
+    names = [_short(n) for n in classes]
+    for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"),
+                                 (axes[1], rows, "row-normalised (recall on the diagonal)", "{:.2f}")):
+        im = ax.imshow(data.numpy(), cmap="Blues", vmin=0)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_xticks(range(c), names, rotation=90 if c > 6 else 45, ha="right" if c <= 6 else "center",
+                      fontsize=font)
+        ax.set_yticks(range(c), names, fontsize=font)
+        if c <= 20:  # values in the cells while they fit
+            top = float(data.max()) or 1.0
+            for t in range(c):
+                for p in range(c):
+                    v = float(data[t, p])
+                    ax.text(p, t, fmt.format(v), ha="center", va="center", fontsize=font,
+                            color="white" if v > 0.6 * top else BLACK)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    _save(fig, path)
 
 
 def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, out: Path, device) -> None:
