@@ -83,6 +83,11 @@ def make_accelerator(cfg: Config):
     return acc, mp
 
 
+def plain_accelerator(cuda: bool):
+    """An Accelerator for work without training (evaluation): this process's device and rank, fp32."""
+    return Accelerator(cpu=not cuda, mixed_precision="no")
+
+
 def reset_state() -> None:
     """Forget this process's Accelerator, so the next run in the same process (the doctor's
     self-test runs several) can make its own with other settings."""

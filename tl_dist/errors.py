@@ -48,3 +48,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 def one_line(msg: object) -> str:
     """An error or warning for the terminal: one line, control characters escaped."""
     return printable(" ".join(str(msg).split()))
+
+
+def first_few(items: list[str], n: int) -> str:
+    """The first ``n`` items of a listing for a one-line message, and how many more there are."""
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more

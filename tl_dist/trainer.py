@@ -31,7 +31,7 @@ from .config import Config
 from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, gather_objects,
                           make_accelerator, on_main_then_share, rewrap_unfrozen, share_buffers)
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
-from .errors import UserError, drop_stdout, first_line, one_line, printable
+from .errors import UserError, drop_stdout, first_few, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
 from .runstate import (RunState, changes, data_fingerprint, model_identity, read_resume, record_resume,
@@ -308,11 +308,6 @@ def say(msg: str) -> None:
         print(printable(msg), flush=True)
     except OSError:
         drop_stdout()
-
-
-def first_few(items: list[str], n: int) -> str:
-    more = f" (and {len(items) - n} more)" if len(items) > n else ""
-    return "; ".join(items[:n]) + more
 
 
 def prepare_data(cfg: Config, accelerator, log) -> tuple[data.Data, dict | None]:

@@ -158,6 +158,37 @@ def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+def reliability(bins: list[dict], ece: float, path: Path) -> None:
+    """The calibration diagram: accuracy against mean confidence per confidence bin (the diagonal is
+    perfect calibration), with how many images each bin holds below."""
+    fig = Figure(figsize=(6, 6.4), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    width = bins[0]["hi"] - bins[0]["lo"]
+    centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    top.bar(centres, [b["accuracy"] or 0 for b in bins], width=width * 0.9, color=TRAIN, label="accuracy")
+    top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+    filled = [(b["confidence"], b["accuracy"]) for b in bins if b["count"]]
+    if filled:
+        top.plot(*zip(*filled), "o", color=VAL, ms=4, label="mean confidence, accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"reliability (expected calibration error {ece:.4f})")
+    top.grid(True, alpha=0.3)
+    top.legend(loc="upper left", fontsize=9)
+    bottom.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="grey")
+    bottom.set_xlabel("confidence (top class probability)")
+    bottom.set_ylabel("images")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, path)
+
+
+def top_losses(items: list[tuple[torch.Tensor, str, bool]], path: Path) -> None:
+    """fastai's plot_top_losses: the highest-loss images, wrong ones framed in red."""
+    if items:
+        grid(items, path)
+
+
 def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, out: Path, device) -> None:
     val_predictions(model, d.val, d.classes, ctx, device, out / "val_predictions.png")
     curves(history, out / "curves.png")

@@ -1,0 +1,97 @@
+"""tl-dist evaluate: the run's own numbers reproduced, metrics against a hand computation, one line
+for bad input, and the same metrics.json for 1 and 2 processes."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from tl_dist import evaluate
+
+from .conftest import free_port, make_images, run_cli
+from .conftest import train_in_process as _run
+
+
+def test_metrics_agree_with_a_hand_computation():
+    # 3 classes; true/pred pairs chosen so the confusion matrix is [[3,1,0],[0,2,2],[0,0,0]]
+    # (class c is in the checkpoint but not in this folder) and every image is predicted with
+    # probability ~0.9 for the chosen class.
+    pairs = [(0, 0)] * 3 + [(0, 1)] + [(1, 1)] * 2 + [(1, 2)] * 2
+    labels = torch.tensor([t for t, _ in pairs])
+    logits = torch.full((len(pairs), 3), 0.0)
+    for i, (_, p) in enumerate(pairs):
+        logits[i, p] = math.log(0.9 / 0.05)  # softmax: 0.9 for p, 0.05 for the others
+    m = evaluate.classification_metrics(logits, labels, ["a", "b", "c"], batch=3)
+    assert m["confusion_matrix"] == [[3, 1, 0], [0, 2, 2], [0, 0, 0]]
+    assert m["accuracy"] == 5 / 8 and m["n"] == 8
+    a, b, c = m["per_class"]
+    assert (a["precision"], a["recall"], a["support"]) == (1.0, 0.75, 4)
+    assert (b["precision"], b["recall"], b["support"]) == (2 / 3, 0.5, 4)
+    assert (c["precision"], c["recall"], c["support"]) == (0.0, 0.0, 0)
+    assert a["f1"] == pytest.approx(2 * 0.75 / 1.75) and b["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    # macro over the classes this folder has (a, b); weighted by support
+    assert m["macro_avg"]["recall"] == pytest.approx((0.75 + 0.5) / 2)
+    assert m["weighted_avg"]["precision"] == pytest.approx((1.0 * 4 + 2 / 3 * 4) / 8)
+    # every confidence is 0.9 (one bin): |accuracy - confidence| = |0.625 - 0.9|
+    assert m["ece"] == pytest.approx(0.275, abs=1e-6)
+    assert m["loss"] == pytest.approx(-(5 * math.log(0.9) + 3 * math.log(0.05)) / 8, rel=1e-5)
+    assert m["top3_accuracy"] == 1.0  # (top-k: k = min(5, classes))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    data = make_images(root / "data", {"train": {"ants": 9, "bees": 9, "wasps": 6},
+                                       "val": {"ants": 7, "bees": 6, "wasps": 4}})
+    assert _run(root / "run", data, "train.epochs=2", "data.batch_size=3") == 0
+    return data, root / "run"
+
+
+@pytest.mark.e2e
+def test_evaluate_on_the_val_folder_reproduces_the_runs_own_numbers(trained, tmp_path):
+    data, run = trained
+    r = run_cli("-m", "tl_dist", "evaluate", str(data), "--split", "val", "--checkpoint", str(run),
+                "--out", str(tmp_path / "ev"), "--tta", "flip", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.splitlines()[-1])
+    best = json.loads((run / "best.json").read_text())
+    assert (m["accuracy"], m["loss"], m["n"]) == (best["val_acc"], best["val_loss"], 17)  # exactly
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == m
+    assert set(m["tta_flip"]) >= {"accuracy", "loss", "ece"}
+    rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "path,true,predicted,p_ants,p_bees,p_wasps" and len(rows) == 18
+    for name in ("confusion_matrix", "reliability", "top_losses"):
+        with Image.open(tmp_path / "ev" / f"{name}.png") as im:
+            im.verify()
+
+
+@pytest.mark.e2e
+def test_bad_input_is_one_line(trained, tmp_path):
+    data, run = trained
+    extra = make_images(tmp_path / "x", {"test": {"ants": 2, "hornets": 2}})
+    r = run_cli("-m", "tl_dist", "evaluate", str(extra), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not know: hornets" in r.stderr, r.stderr
+    only_ants = make_images(tmp_path / "y", {"test": {"ants": 3}})
+    (only_ants / "test" / "ants" / "broken.jpg").write_bytes(b"not a jpeg")
+    r = run_cli("-m", "tl_dist", "evaluate", str(only_ants), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "broken.jpg" in r.stderr, r.stderr
+    r = run_cli("-m", "tl_dist", "evaluate", str(only_ants), "--checkpoint", str(run), "--out", str(tmp_path / "o"),
+                "--skip-bad-images", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["n"] == 3  # a subset of the classes is fine
+
+
+@pytest.mark.multiproc
+def test_two_processes_write_the_same_metrics_as_one(trained, tmp_path):
+    data, run = trained
+    common = [str(data), "--split", "val", "--checkpoint", str(run), "--batch-size", "4"]
+    one = run_cli("-m", "tl_dist", "evaluate", *common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = run_cli("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                  "-m", "tl_dist.evaluate", *common, "--out", str(tmp_path / "two"), timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ((tmp_path / n / "metrics.json").read_text() for n in ("one", "two"))
+    assert a == b and json.loads(a)["n"] == 17
+    assert (tmp_path / "one" / "predictions.csv").read_text() == (tmp_path / "two" / "predictions.csv").read_text()
