@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -237,7 +238,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> i
     try:
         return _evaluate(args)
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same bad input; one says so
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
 
 
