@@ -166,6 +166,11 @@ _HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,7}
 _ARCH_KWARGS = {"aux_logits": bool, "transform_input": bool, "init_weights": bool, "image_size": int, "input_size": list}
 
 
+def head_of(meta: dict[str, Any]) -> Any:
+    """The classifier's module name; checkpoints written before it was recorded are ResNets (``fc``)."""
+    return meta.get("head", "fc")
+
+
 def _arch_kwargs_ok(kw: Any) -> bool:
     if not isinstance(kw, dict) or not set(kw) <= set(_ARCH_KWARGS):
         return False
@@ -191,7 +196,7 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
          and not isinstance(meta.get("num_classes"), bool), "the number of classes"),
         ("arch", isinstance(meta.get("arch"), str)
          and meta["arch"] in torchvision.models.list_models(module=torchvision.models), "a torchvision model name"),
-        ("head", isinstance(meta.get("head", "fc"), str) and _HEAD_NAME.fullmatch(meta.get("head", "fc")) is not None,
+        ("head", isinstance(head_of(meta), str) and _HEAD_NAME.fullmatch(head_of(meta)) is not None,
          "a module name such as fc or classifier.1"),
         ("arch_kwargs", _arch_kwargs_ok(meta.get("arch_kwargs", {})), "constructor arguments tl_dist writes"),
         ("interpolation", meta.get("interpolation", "bilinear") in ("bilinear", "bicubic"), "bilinear or bicubic"),
@@ -221,7 +226,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint: {path} is damaged (truncated or corrupt tensors): {e}") from None
-    classes, head = meta.get("classes"), meta.get("head", "fc")
+    classes, head = meta.get("classes"), head_of(meta)
     rows = state.get(f"{head}.weight")
     if not isinstance(classes, list) or rows is None or rows.shape[0] != len(classes) \
             or meta.get("num_classes") != len(classes):

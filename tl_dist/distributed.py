@@ -34,11 +34,19 @@ def resolve_mixed_precision(mp: str, cuda: bool) -> str:
         return mp
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "no"
+    flags = cpu_flags()
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty where /proc/cpuinfo is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def join_restarted_group(cuda: bool, timeout: timedelta) -> None:

@@ -25,11 +25,9 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
 from .errors import one_line
 
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
@@ -50,30 +48,13 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------- environment
 
-def _package(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def environment() -> dict:
     import torch
-    import torchvision
 
-    from .distributed import resolve_mixed_precision
-    from .model import reference_weights
     from .config import ModelConfig
+    from .distributed import cpu_flags, resolve_mixed_precision
+    from .model import reference_weights
+    from .trainer import versions
 
     cuda = torch.cuda.is_available()
     gpus = []
@@ -85,8 +66,7 @@ def environment() -> dict:
     weights = reference_weights(ModelConfig())
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     return {
-        "tl_dist": __version__, "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "accelerate": _package("accelerate"),
+        **versions(), "platform": platform.platform(),
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda and hasattr(torch.cuda, "nccl") else None,

@@ -44,8 +44,8 @@ class Predictor:
             raise UserError("predict: --device cuda but no CUDA device is available; use --device cpu")
         model = create(meta["arch"], meta["num_classes"], meta.get("arch_kwargs", {}))
         try:
-            if head_name(model) != meta.get("head", "fc"):
-                raise RuntimeError(f"its classifier is {head_name(model)}, the checkpoint's is {meta.get('head', 'fc')}")
+            if head_name(model) != checkpoint.head_of(meta):
+                raise RuntimeError(f"its classifier is {head_name(model)}, the checkpoint's is {checkpoint.head_of(meta)}")
             load_state(model, state)
         except RuntimeError as e:
             raise UserError(f"checkpoint: {path}: weights do not match arch {meta['arch']!r}: "
