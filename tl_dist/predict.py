@@ -3,7 +3,8 @@
     python -m tl_dist.predict IMG [IMG|DIR ...] [--checkpoint RUN_DIR|FILE] [--topk K] [--json]
 
 Needs nothing but the checkpoint: no config file, no training code paths, no torch.distributed.
-Nothing is unpickled. Exit codes: 0 all predicted, 1 some images failed, 2 bad usage or checkpoint.
+The checkpoint may also be a file from ``tl-dist export`` (.onnx, .pt, .pt2), run in its own runtime
+with the same output. Nothing is unpickled. Exit codes: 0 all predicted, 1 some images failed, 2 bad usage or checkpoint.
 """
 from __future__ import annotations
 
@@ -26,22 +27,28 @@ DEFAULT_RUNS = Path("runs")
 class Predictor:
     """``Predictor.from_checkpoint(path).predict([paths or PIL images])`` -> list of result dicts."""
 
-    def __init__(self, model, meta: dict, device: str = "cpu"):
-        self.model, self.meta, self.device = model.eval(), meta, device
+    def __init__(self, model, meta: dict, device: str = "cpu", exported=None):
+        # model: the eager nn.Module (a checkpoint); exported: an ExportedModel (a file from tl-dist export)
+        self.model, self.meta, self.device, self.exported = model and model.eval(), meta, device, exported
         self.classes: list[str] = meta["classes"]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
+        """A run directory, a .safetensors checkpoint, or an exported .onnx / .pt / .pt2 file."""
         import torch
 
         from . import checkpoint
+        from .exported import ExportedModel, format_of
         from .model import create, head_name, load_state
 
-        state, meta = checkpoint.load_weights(checkpoint.resolve(path))  # metadata checked there
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
             raise UserError("predict: --device cuda but no CUDA device is available; use --device cpu")
+        if format_of(path) is not None:
+            exported = ExportedModel.load(path, device)
+            return cls(None, exported.meta, device, exported)
+        state, meta = checkpoint.load_weights(checkpoint.resolve(path))  # metadata checked there
         model = create(meta["arch"], meta["num_classes"], meta.get("arch_kwargs", {}))
         try:
             if head_name(model) != checkpoint.head_of(meta):
@@ -77,10 +84,13 @@ class Predictor:
         def flush() -> None:
             if not ready:
                 return
-            x = torch.stack([t for _, t in ready]).to(self.device)
-            x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=False)
-            with torch.inference_mode():
-                probs = self.model(x).float().softmax(1).cpu()
+            x = torch.stack([t for _, t in ready])
+            if self.exported is not None:
+                probs = self.exported(x).float().softmax(1)
+            else:
+                x = normalize(x.to(self.device), self.meta["mean"], self.meta["std"], channels_last=False)
+                with torch.inference_mode():
+                    probs = self.model(x).float().softmax(1).cpu()
             for (i, _), p in zip(ready, probs):
                 if not torch.isfinite(p).all():
                     results[i] = {"path": _name(items[i]), "error": f"{_name(items[i])}: the model's output is not "
@@ -167,8 +177,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predic
     p = argparse.ArgumentParser(prog=prog,
                                 description="Predict image classes with a tl_dist checkpoint.")
     p.add_argument("images", nargs="+", help="image files and/or directories (walked for images)")
-    p.add_argument("--checkpoint", "-c", help="run directory (uses its best.safetensors) or a .safetensors "
-                   "file; default: the newest runs/*/best.safetensors")
+    p.add_argument("--checkpoint", "-c", help="run directory (uses its best.safetensors), a .safetensors "
+                   "file, or a file from tl-dist export (.onnx, .pt, .pt2); default: the newest "
+                   "runs/*/best.safetensors")
     p.add_argument("--topk", type=int, default=None, help="classes to show per image (default min(3, classes))")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout, nothing else")
     p.add_argument("--batch-size", type=int, default=32)

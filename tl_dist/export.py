@@ -1,0 +1,264 @@
+"""tl-dist export RUN --format torchscript|onnx|exported: a checkpoint as a file other runtimes load.
+
+    tl-dist export RUN [--format F] [--out FILE] [--dynamic-batch] [--input float32|uint8] [--images PATH ...]
+
+The file holds the classifier with its normalisation (see ``exported``); its description (classes,
+input, eval transform) goes inside it and beside it as FILE.json. Before anything is reported or
+put in place, the file is loaded back in its own runtime (torch.jit.load, torch.export.load,
+onnxruntime) and its logits on real images (the checkpoint's eval transform of --images, or of the
+run's val folder) must match the eager model's within 1e-4; then it is moved into place, so a failed
+export leaves nothing behind and an existing file is replaced whole. Prints the largest difference
+and the CPU latency at batch 1 and 32, exported against eager.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError, first_line, one_line, printable
+
+TOLERANCE = 1e-4  # largest |logit difference| accepted, fp32
+CHECK_IMAGES = 8
+OPSET = 18
+LATENCY_BUDGET_S = 1.0  # per measurement: a bound for large models on a laptop
+
+
+class ExportFailed(Exception):
+    """The export ran and its result is wrong or could not be made: not the user's mistake (exit 1)."""
+
+
+def check_images(paths: list[str], meta: dict, given: bool) -> tuple[list[str], str]:
+    """Up to CHECK_IMAGES image files, spread over the listing (so over the classes), and where from."""
+    from .images import list_images
+
+    if given:
+        found = [f for p in paths for f in (list_images(p) if os.path.isdir(p) else [p])]
+        if not found:
+            raise UserError(f"export: no image files in --images {' '.join(paths)}")
+        where = "--images"
+    else:
+        data = meta.get("config", {}).get("data", {})
+        val = Path(str(data.get("root", ""))) / "val"
+        found = list_images(str(val)) if val.is_dir() else []
+        where = str(val)
+    step = max(1, len(found) // CHECK_IMAGES)
+    return found[::step][:CHECK_IMAGES], where
+
+
+def export_to(module, example, fmt: str, path: Path, dynamic: bool, description: str) -> None:
+    """Write ``module`` as ``fmt`` to ``path`` (data files, if any, beside it)."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():  # torch's deprecation and tracer notes are for its developers
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            with torch.inference_mode():
+                traced = torch.jit.trace(module, example, check_trace=False)
+            torch.jit.save(traced, str(path), _extra_files={"tl_dist.json": description})
+        elif fmt == "exported":
+            program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}} if dynamic else None)
+            torch.export.save(program, str(path), extra_files={"tl_dist.json": description})
+        else:
+            program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET,
+                                        input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes={"x": {0: batch}} if dynamic else None, verbose=False)
+            program.model.metadata_props["tl_dist.json"] = description
+            n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+            program.save(str(path), external_data=n_bytes > 1_800_000_000)  # protobuf's 2 GB limit
+
+
+def latency_ms(fn, x, most: int = 20) -> float:
+    """Median milliseconds of ``fn(x)`` after one warm-up call, over up to ``most`` calls or LATENCY_BUDGET_S."""
+    fn(x)
+    budget_s = LATENCY_BUDGET_S
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < most and (not times or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def move_into_place(tmp: Path, out: Path) -> list[Path]:
+    """The files of ``tmp`` into out's folder: data files first, the model file last, each by rename."""
+    from .checkpoint import _fsync_dir
+
+    files = sorted(tmp.iterdir(), key=lambda p: p.name == out.name)
+    placed = []
+    for f in files:
+        dest = out.parent / f.name
+        os.replace(f, dest)
+        placed.append(dest)
+    _fsync_dir(out.parent)
+    return placed
+
+
+def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
+    from .exported import SUFFIXES
+
+    p = argparse.ArgumentParser(prog=prog, description="Export a checkpoint for other runtimes, checked against "
+                                "the eager model before it is put in place.")
+    p.add_argument("checkpoint", metavar="RUN", help="run directory (its best.safetensors) or a .safetensors file")
+    p.add_argument("--format", "-f", choices=list(SUFFIXES), default="onnx",
+                   help="onnx (onnxruntime and others; needs the [export] extra), torchscript (torch.jit.load), "
+                        "exported (torch.export.load); default onnx")
+    p.add_argument("--out", "-o", help="the file to write (default RUN/model.onnx, .pt or .pt2)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="any batch size (onnx, exported); default a fixed batch of 1. TorchScript takes any batch")
+    p.add_argument("--input", choices=["float32", "uint8"], default="float32",
+                   help="what the model takes: float32 in [0, 1] (default) or uint8 0..255; NCHW RGB either way")
+    p.add_argument("--images", nargs="+", metavar="PATH",
+                   help="images (files or folders) for the self-check; default the run's val folder")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv), prog)
+    try:
+        return _export(args)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except ExportFailed as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _export(args) -> int:
+    from .exported import SUFFIXES, missing_onnx_packages
+
+    fmt = args.format
+    if fmt == "onnx" and missing_onnx_packages():
+        raise UserError(f"export: --format onnx needs {', '.join(missing_onnx_packages())}: "
+                        f"pip install 'tl_dist[export]' (or pip install onnx onnxscript onnxruntime)")
+    from . import checkpoint
+
+    ckpt = checkpoint.resolve(args.checkpoint)
+    out = Path(args.out).expanduser() if args.out else ckpt.parent / f"model{SUFFIXES[fmt]}"
+    if out.suffix.lower() != SUFFIXES[fmt]:
+        raise UserError(f"export: --out {out}: {fmt} files end in {SUFFIXES[fmt]} (predict tells the "
+                        f"formats apart by it)")
+    if not out.parent.is_dir():
+        raise UserError(f"export: --out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UserError(f"export: --out {out} is a folder; give a file name")
+    return run_export(ckpt, out, fmt, args)
+
+
+def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
+    import torch
+
+    from . import __version__
+    from .exported import FORMAT, Deployable, ExportedModel, as_input, input_spec
+    from .predict import Predictor
+
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    meta = predictor.meta
+    uint8, size = args.input == "uint8", meta["image_size"]
+    dynamic = args.dynamic_batch or fmt == "torchscript"  # a trace does not fix the batch
+    spec = input_spec(uint8, size, None if dynamic else 1)
+    files, where = check_images(args.images or [], meta, given=bool(args.images))
+    images = []
+    for f in files:
+        try:
+            images.append(predictor._tensor(f))
+        except Exception as e:  # a bad check image is the user's to fix; name it
+            raise UserError(f"export: check image {f}: {first_line(e)}") from None
+    if not images:  # the run's data has gone: still check the numbers, and say on what
+        gen = torch.Generator().manual_seed(0)
+        images = list(torch.randint(0, 256, (CHECK_IMAGES, 3, size, size), dtype=torch.uint8, generator=gen))
+        where = f"random pixels ({where} not found; pass --images for real ones)"
+    real = torch.stack(images)
+    eager = Deployable(predictor.model, meta["mean"], meta["std"], uint8).eval()
+
+    keep = ("classes", "num_classes", "arch", "arch_kwargs", "head", "mode", "image_size", "resize_size",
+            "interpolation", "mean", "std", "epoch", "val_acc", "val_loss")
+    desc: dict[str, Any] = {"format": FORMAT, "export_format": fmt, **{k: meta[k] for k in keep if k in meta},
+                            "input": spec, "source": str(ckpt), "tl_dist": __version__,
+                            "torch": torch.__version__}
+    example = as_input(real[:2] if dynamic else real[:1], spec)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        started = time.perf_counter()
+        try:
+            export_to(eager, example, fmt, tmp / out.name, dynamic, json.dumps(desc, allow_nan=False))
+        except Exception as e:  # the exporters raise many types; the model is not the user's mistake
+            raise ExportFailed(f"export: {fmt} could not export {meta['arch']}: {first_line(e)}") from None
+        seconds = time.perf_counter() - started
+        loaded = ExportedModel.load(tmp / out.name)
+        x = as_input(real, spec)
+        with torch.inference_mode():
+            want = eager(x)
+        got = loaded(real)
+        diff = float((got - want).abs().max())
+        if dynamic and len(x) > 1:  # one image alone too: a batch dimension that was baked in shows here
+            diff = max(diff, float((loaded.raw(x[:1]) - want[:1]).abs().max()))
+        if not diff <= TOLERANCE:  # (not <= catches NaN)
+            raise ExportFailed(f"export: self-check failed: the {fmt} file's logits differ from the eager model's "
+                               f"by up to {diff:.2e} (limit {TOLERANCE:.0e}) on {len(x)} image(s); nothing written")
+        timings = measure(eager, loaded, spec, size, dynamic)
+        desc["check"] = {"max_abs_logit_diff": diff, "tolerance": TOLERANCE, "images": len(x), "on": where}
+        desc["cpu_latency_ms"] = timings
+        placed = move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint_json = out.with_name(out.name + ".json")
+    from .checkpoint import atomic_write_text
+    atomic_write_text(checkpoint_json, json.dumps(desc, indent=2, allow_nan=False) + "\n")
+    report(ckpt, out, placed, fmt, desc, seconds, timings)
+    return 0
+
+
+def measure(eager, loaded, spec: dict, size: int, dynamic: bool) -> dict[str, dict[str, float | None]]:
+    import torch
+
+    out: dict[str, dict[str, float | None]] = {}
+    gen = torch.Generator().manual_seed(1)
+    for batch in (1, 32):
+        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)
+        if spec["dtype"] == "float32":
+            x = x.float() / 255
+
+        def run_eager(t):
+            with torch.inference_mode():
+                return eager(t)
+        out[str(batch)] = {"eager": latency_ms(run_eager, x),
+                           "exported": latency_ms(loaded.raw, x) if dynamic or batch == 1 else None}
+    return out
+
+
+def report(ckpt: Path, out: Path, placed: list[Path], fmt: str, desc: dict, seconds: float, timings: dict) -> None:
+    spec, check = desc["input"], desc["check"]
+    mb = sum(p.stat().st_size for p in placed) / 1e6
+    rng = "[0, 1]" if spec["dtype"] == "float32" else "0..255"
+    print(f"exported {printable(str(ckpt))} -> {printable(str(out))} ({fmt}, {mb:.1f} MB, "
+          f"{'any batch' if spec['batch'] is None else 'batch 1'}, {seconds:.1f} s)")
+    print(f"input: {spec['dtype']} NCHW RGB in {rng}, {desc['image_size']}x{desc['image_size']} (resize "
+          f"{desc['resize_size']} {desc['interpolation']}, centre crop {desc['image_size']}); normalisation inside")
+    print(f"self-check: {check['images']} image(s) from {printable(check['on'])}: max |logit diff| "
+          f"{check['max_abs_logit_diff']:.1e} (limit {TOLERANCE:.0e}): ok")
+
+    def ms(v):
+        return f"{v:9.1f}" if v is not None else "        -"
+    print("CPU latency, ms (median)   batch 1   batch 32")
+    print(f"  eager                   {ms(timings['1']['eager'])} {ms(timings['32']['eager'])}")
+    print(f"  {fmt:<22}  {ms(timings['1']['exported'])} {ms(timings['32']['exported'])}"
+          + ("" if timings["32"]["exported"] is not None else "   (batch 1 only: --dynamic-batch for more)"))
+    print(f"description: {printable(str(out.with_name(out.name + '.json')))} (also inside the file); "
+          f"predict with: tl-dist predict IMAGE --checkpoint {printable(str(out))}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
