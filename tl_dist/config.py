@@ -102,6 +102,10 @@ class TrainSection:
     sync_batchnorm: bool = _key(False, "BatchNorm statistics over the global batch (CUDA, several processes)")
     write_in_background: bool | None = _key(None, "write checkpoint files on a thread while the next epoch trains; "
                                             "null = on a GPU yes, on the CPU no (between epochs)")
+    log_with: list[str] = _key([], "experiment trackers to log to, e.g. [tensorboard] (pip install 'tl_dist[track]'): "
+                               "the epoch metrics, the learning rate per step, the config and the pictures",
+                               ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
+                                "trackio"))
     plots: bool = _key(True, "draw train_batch.png, val_predictions.png, curves.png, confusion_matrix.png")
     compile: bool = _key(False, "torch.compile the model")
     compile_mode: str = _key("default", "torch.compile mode; reduce-overhead = CUDA graphs, for small batches "
@@ -215,9 +219,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str, choices: tuple | None) -
         return _coerce(value, args[0], key, source, choices)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if item is str and isinstance(value, str):  # log_with=tensorboard: a list of one
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config: {where} must be a list, got {_shown(value)}")
-        return [_coerce(v, item, f"{key}[{i}]", source, None) for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{key}[{i}]", source, choices) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"config: {where} must be true or false, got {_shown(value)}")

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, gather_object
 
 from . import model as model_lib
+from . import tracking
 from .config import Config
 from .errors import UserError, first_line
 
@@ -80,7 +81,8 @@ def make_accelerator(cfg: Config):
     join_restarted_group(cuda, timeout)
     # cpu=True without CUDA makes N launched processes one gloo group (MULTI_CPU) instead of N
     # independent single-process runs.
-    acc = Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+                      **tracking.accelerator_kwargs(cfg.train.log_with, cfg.train.output_dir))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes != launched:
         raise UserError(f"launch: WORLD_SIZE={launched} but accelerate formed a group of "

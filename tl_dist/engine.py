@@ -97,14 +97,19 @@ def _to_device(batch, device, ctx: StepContext):
 
 
 def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: TrainBatchSampler,
-                    ctx: StepContext, epoch: int, should_stop: Callable[[], bool] = lambda: False) -> EpochResult:
+                    ctx: StepContext, epoch: int, should_stop: Callable[[], bool] = lambda: False,
+                    on_window: Callable[[int, int], None] = lambda done, size: None) -> EpochResult:
+    """One epoch of optimizer steps. ``on_window(done, size)`` runs before each accumulation window
+    (one optimizer step): the global number of images the epoch's earlier windows took, and this
+    window's. Positions in images are the same for any world size and accumulation that take the
+    same steps."""
     t0 = time.perf_counter()
     model.train()
     set_train_mode(accelerator.unwrap_model(model), True, ctx.frozen, ctx.frozen_bn)
     train_step.begin_epoch(model, ctx)
     world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
     bad: list[int] = []
-    stopped = False
+    stopped, done = False, 0
     bar = tqdm(total=n_steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     for step, batch in enumerate(loader):
@@ -115,6 +120,9 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
         hi = min(lo + k, n_steps)
         sync = step == hi - 1
         denom = sum(sampler.global_count(s) for s in range(lo, hi))  # real samples in the global window
+        if step == lo:
+            on_window(done, denom)
+            done += denom
         train_step(x, y, w, world / denom, sync)
         bar.update(1)
         if sync and should_stop():

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, checkpoint, config, data, demo, host_memory, recipe, visualize
+from . import __version__, checkpoint, config, data, demo, host_memory, recipe, tracking, visualize
 from . import model as model_lib
 from .config import Config
 from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, gather_objects,
@@ -101,7 +101,8 @@ def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lo
         lrs = recipe.set_lrs(run.optimizer, cfg, epoch)
         d.train_sampler.set_epoch(epoch)
         tr = train_one_epoch(acc, run.net, run.step, d.train_loader, d.train_sampler, run.ctx, epoch,
-                             should_stop=lambda: stop.check(acc))
+                             should_stop=lambda: stop.check(acc),
+                             on_window=lambda done, size: run.tracking.step(epoch, done + size, lrs))
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
@@ -114,6 +115,7 @@ def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lo
         report_bad_images(cfg, d, tr, va, epoch, run.log)
         row = metrics_row(epoch, tr, va, lrs, run.ctx.frozen, digest, acc.device)
         is_best = record_and_save(run, writer, row, va)
+        run.tracking.epoch(row)
         run.log(epoch_line(row, cfg.train.epochs, lrs, run.ctx.frozen, is_best))
         if stop.check(acc) and epoch + 1 < cfg.train.epochs:
             interrupted = stop.signum or signal.SIGTERM
@@ -137,6 +139,7 @@ class Run:
     ctx: StepContext
     state: RunState
     meta: dict  # what every checkpoint of this run says about itself
+    tracking: tracking.Tracking
     head_inputs: HeadInputs | None = None
 
     def log(self, msg: str) -> None:
@@ -244,7 +247,8 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     feature_bytes = len(d.val) * getattr(head, "in_features", 0) * 4
     keep_features = (frozen and cfg.model.frozen_bn == "eval" and isinstance(head, torch.nn.Linear)
                      and feature_bytes <= cfg.data.cache_gb * 2**30)
-    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta,
+    trackers = tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start)
+    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta, trackers,
                HeadInputs() if keep_features else None)
 
 
@@ -427,6 +431,7 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
                     f"{out}. Resume with the same command (train.resume=auto continues from {out / 'resume.pt'}).")
         else:
             run.log("interrupted: stopped at a step boundary before the first epoch ended; nothing was saved")
+        run.tracking.end()
         return RunResult(out, state.best_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
 
     if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
@@ -436,6 +441,8 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
         if run.cfg.train.plots and state.best_model is not None:
             visualize.after_training(acc.unwrap_model(run.net), run.data, run.ctx, state.history,
                                      state.best_confusion, out, acc.device)
+        run.tracking.pictures(out, state.epoch + 1)
+    run.tracking.end()
     return RunResult(out, state.best_val_acc, state.best_epoch, state.history)
 
 
