@@ -176,13 +176,21 @@ def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path, arch):
     assert all(len(x["weights_digest"]) == 24 for x in rows)
 
 
-def test_finetune_two_processes_equal_one_process_accumulating(tiny_data, tmp_path):
+# The recipe's options that touch the gradient or the step: AdamW with decay groups, a warm-up and
+# cosine set at every optimizer step from the images done, label smoothing, class weights.
+RECIPE = ("optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
+          "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
+          "train.class_weights=balanced")
+
+
+@pytest.mark.parametrize("recipe", [(), RECIPE], ids=["tutorial", "recipe"])
+def test_finetune_two_processes_equal_one_process_accumulating(tiny_data, tmp_path, recipe):
     """Finetune, no SyncBN: each rank's BatchNorm sees its own B samples, exactly as one process with
     batch B accumulating 2 steps does, so the parameters after an epoch match (not BN running stats)."""
     init = tmp_path / "init.safetensors"
     save_file(model.create("resnet18", 1000).state_dict(), str(init))
     common = ("model.mode=finetune", f"model.weights={init}", "train.epochs=1", "data.batch_size=3",
-              "optim.lr=0.02")
+              "optim.lr=0.02", *recipe)
     one = run_cli("-m", "tl_dist.train", *_args(tiny_data, tmp_path / "one", *common, "train.grad_accum_steps=2"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch(2, *_args(tiny_data, tmp_path / "two", *common))

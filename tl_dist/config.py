@@ -75,16 +75,30 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _key(0.001, "SGD learning rate of the new classifier (and of the backbone unless backbone_lr is set)")
+    name: str = _key("sgd", "the optimizer: sgd (the tutorial's) or adamw", ("sgd", "adamw"))
+    lr: float = _key(0.001, "learning rate of the new classifier (and of the backbone unless backbone_lr is set)")
     backbone_lr: float | None = _key(None, "learning rate of every layer but the new classifier; null = lr")
     momentum: float = _key(0.9, "SGD momentum")
-    weight_decay: float = _key(0.0, "SGD weight decay")
+    nesterov: bool = _key(False, "SGD with Nesterov momentum")
+    betas: list[float] = _key([0.9, 0.999], "AdamW betas")
+    eps: float = _key(1e-8, "AdamW eps")
+    weight_decay: float = _key(0.0, "weight decay (SGD: L2 in the gradient; AdamW: decoupled)")
+    decay_bias_and_norm: bool = _key(True, "weight decay on 1-D parameters (biases, normalisation weights) too; "
+                                     "false = only on weight matrices and kernels")
 
 
 @dataclass
 class SchedulerConfig:
-    step_size: int = _key(7, "StepLR: decay the learning rate every step_size epochs")
-    gamma: float = _key(0.1, "StepLR: the decay factor")
+    name: str = _key("step", "learning-rate schedule, set at every optimizer step from the epoch and the images "
+                     "done: step (the tutorial's StepLR, per epoch), cosine (to 0 at the end of train.epochs), "
+                     "onecycle (up over pct_start, then down, cosine), constant",
+                     ("step", "cosine", "onecycle", "constant"))
+    step_size: int = _key(7, "step: decay the learning rate every step_size epochs")
+    gamma: float = _key(0.1, "step: the decay factor")
+    warmup_epochs: float = _key(0.0, "linear warm-up over this many epochs (may be fractional), step / cosine / "
+                                "constant")
+    warmup_start_factor: float = _key(0.01, "the warm-up's first learning rate, as a fraction of the base")
+    pct_start: float = _key(0.3, "onecycle: the fraction of train.epochs spent rising from lr/25 to lr")
 
 
 @dataclass
@@ -106,6 +120,13 @@ class TrainSection:
                                "the epoch metrics, the learning rate per step, the config and the pictures",
                                ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
                                 "trackio"))
+    label_smoothing: float = _key(0.0, "cross-entropy label smoothing (the train loss; val loss stays plain)")
+    class_weights: str = _key("none", "balanced: weigh each train sample's loss by n / (classes x n_class), the "
+                              "inverse of its class's frequency in the train split", ("none", "balanced"))
+    select_best_by: str = _key("val_acc", "the val metric that picks best.safetensors (ties: the earlier epoch)",
+                               ("val_acc", "macro_f1", "val_loss"))
+    early_stopping_patience: int = _key(0, "stop after this many epochs without a better select_best_by value "
+                                        "(0 = off); the best weights are kept as always")
     plots: bool = _key(True, "draw train_batch.png, val_predictions.png, curves.png, confusion_matrix.png")
     compile: bool = _key(False, "torch.compile the model")
     compile_mode: str = _key("default", "torch.compile mode; reduce-overhead = CUDA graphs, for small batches "
@@ -143,6 +164,13 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.lr": (lambda v: v > 0, "a positive number"),
     "optim.backbone_lr": (lambda v: v is None or v > 0, "a positive number, or null for optim.lr"),
     "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "[beta1, beta2], each in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "a positive number"),
+    "scheduler.warmup_epochs": (lambda v: v >= 0, "0 or more epochs"),
+    "scheduler.warmup_start_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "scheduler.pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.early_stopping_patience": (lambda v: v >= 0, "0 (off) or a positive number of epochs"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "scheduler.step_size": (lambda v: v > 0, "a positive integer"),
     "scheduler.gamma": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -161,6 +189,11 @@ def validate(cfg: Config, source: str) -> None:
     if None not in (cfg.data.resize_size, cfg.data.image_size) and cfg.data.resize_size < cfg.data.image_size:
         raise UserError(f"config: data.resize_size ({cfg.data.resize_size}) must be at least data.image_size "
                         f"({cfg.data.image_size}): val images are resized, then centre-cropped (in {source})")
+    if cfg.scheduler.name == "onecycle" and cfg.scheduler.warmup_epochs > 0:
+        raise UserError(f"config: scheduler.warmup_epochs does not apply to scheduler.name=onecycle, which rises "
+                        f"over scheduler.pct_start of the run; set warmup_epochs to 0 (in {source})")
+    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum == 0):
+        raise UserError(f"config: optim.nesterov=true needs optim.name=sgd with optim.momentum > 0 (in {source})")
     m = cfg.model
     if m.mode == "frozen_then_finetune":
         if m.unfreeze_epoch is None:

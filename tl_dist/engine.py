@@ -42,6 +42,18 @@ class StepContext:
     frozen: bool
     frozen_bn: str
     grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None  # per class, on the device (train.class_weights)
+
+
+def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+    """The per-sample train loss: cross-entropy with the run's label smoothing, times the sample's
+    class weight. Normalised by the number of samples (not the sum of weights) like every loss
+    here, so the world-size rule of the step holds unchanged."""
+    if ctx is None:
+        return F.cross_entropy(out.float(), y, reduction="none")
+    per_sample = F.cross_entropy(out.float(), y, reduction="none", label_smoothing=ctx.label_smoothing)
+    return per_sample if ctx.class_weights is None else per_sample * ctx.class_weights[y]
 
 
 class TrainStep(Protocol):
@@ -65,10 +77,11 @@ class EagerStep:
     def __init__(self, accelerator, optimizer) -> None:
         self.acc, self.opt = accelerator, optimizer
         self.model: torch.nn.Module | None = None
+        self.ctx: StepContext | None = None
         self.sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
 
     def begin_epoch(self, model: torch.nn.Module, ctx: StepContext) -> None:
-        self.model = model
+        self.model, self.ctx = model, ctx
         self.sums.zero_()
 
     def __call__(self, x, y, w, scale: float, sync: bool) -> None:
@@ -77,7 +90,7 @@ class EagerStep:
         with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
             with self.acc.autocast():
                 out = self.model(x)
-            per_sample = F.cross_entropy(out.float(), y, reduction="none")
+            per_sample = train_loss(out, y, self.ctx)
             self.acc.backward((per_sample * w).sum() * scale)
         if sync:
             self.opt.step()

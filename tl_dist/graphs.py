@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from . import model as model_lib
+from . import recipe
 from .config import Config
-from .engine import StepContext, TrainStep, step_sums
+from .engine import StepContext, TrainStep, step_sums, train_loss
 from .errors import UserError
 
 
@@ -35,6 +35,9 @@ def check_cuda_graphs(cfg: Config, device: torch.device, processes: int, mp: str
         ("train.mixed_precision bf16 or no (fp16's loss scaler checks for overflow on the host every step)",
          mp == "fp16"),
         ("train.compile=false (compile_mode=reduce-overhead makes its own graphs)", t.compile),
+        (f"optim.name=sgd (it is {cfg.optim.name})", cfg.optim.name != "sgd"),
+        ("a learning rate fixed within each epoch (scheduler.name step or constant, warmup_epochs 0)",
+         recipe.varies_within_epoch(cfg)),
     ) if bad]
     drawn = random_layers(cfg)
     if drawn:
@@ -102,6 +105,7 @@ class GraphedStep:
         self.warmup, self.capture, self.fallback = warmup, capture, fallback
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # weighted loss, correct, count
         self.model: torch.nn.Module | None = None
+        self.loss_ctx: StepContext | None = None
         self.captures = 0
         self.failed: str | None = None
         self._key: tuple | None = None
@@ -116,6 +120,7 @@ class GraphedStep:
         explicit key) means a new capture."""
         self.sums.zero_()
         self.model = model
+        self.loss_ctx = ctx if isinstance(ctx, StepContext) else None
         if self.fallback is not None:
             self.fallback.begin_epoch(model, ctx)
         key = ctx if isinstance(ctx, tuple) else (id(model), tuple(g["lr"] for g in self.opt.param_groups),
@@ -230,7 +235,7 @@ class GraphedStep:
                 else contextlib.nullcontext())
         with cast:
             out = self.model(x)
-        per_sample = F.cross_entropy(out.float(), y, reduction="none")
+        per_sample = train_loss(out, y, self.loss_ctx)
         ((per_sample * w).sum() * scale).backward()
         self.opt.step()
         self.sums += step_sums(per_sample, out, y, w)

@@ -1,45 +1,106 @@
-"""How the model is trained: optimizer groups and the learning-rate schedule.
+"""How the model is trained: optimizer groups, the learning-rate schedule, and the loss's class weights.
 
-The schedule is computed from the epoch rather than stepped, so it is the same for any world size,
-any accumulation, and after a resume.
+The schedule is a function of the run's position, ``epoch + images done / train images`` (the
+images the epoch's earlier optimizer steps took), set before every optimizer step rather than
+stepped. So it is the same for any world size and accumulation that take the same steps (W
+processes with batch B, or one with batch B and W accumulation steps), and after a resume.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import model as model_lib
-from .config import Config
+from .config import Config, SchedulerConfig
 
 
 def base_lrs(cfg: Config) -> list[float]:
-    """The learning rate of each optimizer group: [head] in frozen mode, [head, backbone] otherwise."""
+    """The learning rate of each part: [head] in frozen mode, [head, backbone] otherwise."""
     if cfg.model.mode == "frozen":
         return [cfg.optim.lr]
     return [cfg.optim.lr, cfg.optim.backbone_lr if cfg.optim.backbone_lr is not None else cfg.optim.lr]
 
 
-def lrs_at(cfg: Config, epoch: int) -> list[float]:
-    """StepLR's values for ``epoch``, computed rather than stepped: the same for any world size or resume."""
-    return [lr * cfg.scheduler.gamma ** (epoch // cfg.scheduler.step_size) for lr in base_lrs(cfg)]
+def _cosine(start: float, end: float, p: float) -> float:
+    """From ``start`` (p = 0) to ``end`` (p = 1) along half a cosine."""
+    return end + (start - end) * (1 + math.cos(math.pi * min(1.0, max(0.0, p)))) / 2
 
 
-def set_lrs(optimizer: torch.optim.Optimizer, cfg: Config, epoch: int) -> list[float]:
-    """Put ``epoch``'s learning rates into the optimizer's groups; returns them."""
-    lrs = lrs_at(cfg, epoch)
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
+def lr_factor(s: SchedulerConfig, epochs: int, epoch: int, t: float) -> float:
+    """The schedule's multiplier of the base learning rates at position ``t`` (fractional epochs,
+    ``epoch <= t < epoch + 1``) of a run of ``epochs`` epochs. Closed form, nothing stepped."""
+    if s.name == "onecycle":  # torch's OneCycleLR shape (cos, div 25, final div 1e4), on the learning rate
+        up = s.pct_start * epochs
+        if t < up:
+            return _cosine(1 / 25, 1.0, t / up)
+        return _cosine(1.0, 1 / 25 / 1e4, (t - up) / (epochs - up))
+    warm = 1.0
+    if t < s.warmup_epochs:
+        warm = s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup_epochs
+    if s.name == "step":  # per epoch, as the tutorial's StepLR
+        return warm * s.gamma ** (epoch // s.step_size)
+    if s.name == "cosine":
+        rest = epochs - s.warmup_epochs
+        return warm * (_cosine(1.0, 0.0, (t - s.warmup_epochs) / rest) if rest > 0 else 1.0)
+    return warm  # constant
+
+
+def lrs_at(cfg: Config, epoch: int, t: float | None = None) -> list[float]:
+    """The learning rates of [head, backbone] at position ``t`` (default: the epoch's start)."""
+    f = lr_factor(cfg.scheduler, cfg.train.epochs, epoch, float(epoch) if t is None else t)
+    return [lr * f for lr in base_lrs(cfg)]
+
+
+def varies_within_epoch(cfg: Config) -> bool:
+    """Whether the learning rate changes from one optimizer step to the next inside an epoch."""
+    s = cfg.scheduler
+    return s.name in ("cosine", "onecycle") or s.warmup_epochs > 0
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, cfg: Config, epoch: int, t: float | None = None) -> list[float]:
+    """Put the learning rates at position ``t`` into the optimizer's groups; returns [head, backbone]."""
+    lrs = lrs_at(cfg, epoch, t)
+    for g, part in zip(optimizer.param_groups, group_parts(cfg)):
+        g["lr"] = lrs[part]
     return lrs
 
 
+def group_parts(cfg: Config) -> list[int]:
+    """Which part (0 head, 1 backbone) each optimizer group belongs to, in build_optimizer's order."""
+    parts = [0] if cfg.model.mode == "frozen" else [0, 1]
+    return parts if cfg.optim.decay_bias_and_norm else [p for p in parts for _ in (0, 1)]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD over the new classifier and (unless frozen) the backbone, as two groups with their own learning rates.
+    """SGD or AdamW over the new classifier and (unless frozen) the backbone, as groups with their
+    own learning rates; with decay_bias_and_norm=false each part is split into the parameters that
+    decay and the 1-D ones (biases, normalisation weights) that do not.
 
     In frozen_then_finetune the backbone is in the optimizer from the start; while it is frozen its
-    parameters get no gradient and SGD leaves them (and their momentum) untouched.
+    parameters get no gradient and the optimizer leaves them (and their state) untouched.
     """
+    o = cfg.optim
     head, backbone = model_lib.head_and_backbone(model)
-    groups = [{"params": head}] + ([{"params": backbone}] if cfg.model.mode != "frozen" else [])
-    for g, lr in zip(groups, base_lrs(cfg)):
-        g["lr"] = lr
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           weight_decay=cfg.optim.weight_decay, foreach=True)
+    parts = [head] + ([backbone] if cfg.model.mode != "frozen" else [])
+    groups = []
+    for params, lr in zip(parts, base_lrs(cfg)):
+        if o.decay_bias_and_norm:
+            groups.append({"params": params, "lr": lr, "weight_decay": o.weight_decay})
+        else:
+            groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": o.weight_decay})
+            groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 foreach=True)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay, foreach=True)
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """train.class_weights=balanced: n / (classes x n_c) per class, over the classes the train split
+    has (scikit-learn's "balanced"): the mean weight per sample is 1, so the loss keeps its scale."""
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, len(labels) / (present * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w.float()

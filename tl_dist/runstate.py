@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field, fields
@@ -38,8 +39,9 @@ class RunState:
     ``model``, ``optimizer`` and ``rng`` are set when an epoch is saved (rank 0) or resumed.
     """
     epoch: int = -1  # the last complete epoch
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # the val accuracy of the best epoch
     best_epoch: int = -1
+    best_score: float = -math.inf  # the best epoch's train.select_best_by value (val_loss negated)
     history: list[dict] = field(default_factory=list)  # one metrics row per epoch
     best_model: dict[str, torch.Tensor] | None = None
     best_confusion: torch.Tensor | None = None
@@ -53,18 +55,27 @@ class RunState:
     def next_epoch(self) -> int:
         return self.epoch + 1
 
-    def improves(self, val_acc: float) -> bool:
-        return val_acc > self.best_val_acc
+    def improves(self, score: float) -> bool:
+        return score > self.best_score  # ties keep the earlier epoch
 
-    def record(self, row: dict, val_acc: float, confusion: torch.Tensor, weights: dict | None) -> bool:
+    def record(self, row: dict, score: float, confusion: torch.Tensor, weights: dict | None) -> bool:
         """Add a finished epoch with its weights (a copy taken at its end); True if it is the best so far."""
-        is_best = self.improves(val_acc)
+        is_best = self.improves(score)
         self.epoch, self.model = row["epoch"], weights
         self.history.append(row)
         if is_best:
-            self.best_val_acc, self.best_epoch, self.best_model, self.best_confusion = \
-                val_acc, row["epoch"], weights, confusion
+            self.best_score, self.best_val_acc, self.best_epoch, self.best_model, self.best_confusion = \
+                score, row["val_acc"], row["epoch"], weights, confusion
         return is_best
+
+    def rescore(self, by: str) -> None:
+        """The best epoch's score under ``by`` (a resume may change train.select_best_by, and states
+        written before it existed carry none): from its metrics row."""
+        row = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
+        self.best_score = score_of(row, by) if row is not None else -math.inf
+
+    def epochs_without_improvement(self) -> int:
+        return self.epoch - self.best_epoch if self.best_epoch >= 0 else 0
 
     def to_resume(self, identity: dict[str, Any]) -> dict[str, Any]:
         """The resume state: plain values, the tensors shared (not copied), the history copied (it
@@ -75,6 +86,13 @@ class RunState:
     @classmethod
     def from_resume(cls, d: dict[str, Any]) -> "RunState":
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def score_of(row: dict, by: str) -> float:
+    """An epoch's train.select_best_by value from its metrics row, higher is better."""
+    if by == "val_loss":
+        return -row["val_loss"]
+    return row.get(by, -math.inf)  # macro_f1 is missing from rows written before it was measured
 
 
 # ----------------------------------------------------------------------------- saving

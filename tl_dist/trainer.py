@@ -35,7 +35,7 @@ from .errors import UserError, drop_stdout, first_few, first_line, one_line, pri
 from .graphs import GraphedStep, check_cuda_graphs
 from .images import scan_files
 from .runstate import (RunState, changes, data_fingerprint, model_identity, read_resume, record_resume,
-                       rng_state, save_epoch, seed_everything, set_rng_state, write_status)
+                       rng_state, save_epoch, score_of, seed_everything, set_rng_state, write_status)
 
 
 @dataclass
@@ -96,13 +96,15 @@ def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lo
     acc, state, d = run.accelerator, run.state, run.data
     t_run, interrupted = time.perf_counter(), 0
     for epoch in range(state.next_epoch, cfg.train.epochs):
+        if stops_early(cfg, state, run.log):
+            break
         if run.ctx.frozen and not model_lib.frozen_at(cfg.model, epoch):
             run.unfreeze(epoch)
         lrs = recipe.set_lrs(run.optimizer, cfg, epoch)
         d.train_sampler.set_epoch(epoch)
         tr = train_one_epoch(acc, run.net, run.step, d.train_loader, d.train_sampler, run.ctx, epoch,
                              should_stop=lambda: stop.check(acc),
-                             on_window=lambda done, size: run.tracking.step(epoch, done + size, lrs))
+                             on_window=functools.partial(run.before_step, epoch, lrs))
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
@@ -146,6 +148,14 @@ class Run:
         if self.accelerator.is_main_process:
             say(msg)
 
+    def before_step(self, epoch: int, epoch_lrs: list[float], done: int, size: int) -> None:
+        """Before each optimizer step: the schedule's learning rates at this point of the run (from
+        the images done, see recipe), and the tracker's note of them."""
+        lrs = epoch_lrs
+        if recipe.varies_within_epoch(self.cfg):
+            lrs = recipe.set_lrs(self.optimizer, self.cfg, epoch, epoch + done / len(self.data.train))
+        self.tracking.step(epoch, done + size, lrs)
+
     def unfreeze(self, epoch: int) -> None:
         self.net = rewrap_unfrozen(self.accelerator, self.net)
         self.head_inputs = None  # the backbone moves from now on: its outputs do too
@@ -186,6 +196,7 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
         except (RuntimeError, KeyError, TypeError) as e:
             raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
                             f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
+        state.rescore(cfg.train.select_best_by)
         log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_val_acc:.4f} "
             f"at epoch {state.best_epoch})")
 
@@ -218,8 +229,10 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     if cfg.train.cuda_graphs:  # (its needs were checked above)
         step = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
                            capture=accelerator.device.type == "cuda", fallback=step)
+    weights = (recipe.class_weights([y for _, y in d.train.samples], len(d.classes)).to(accelerator.device)
+               if cfg.train.class_weights == "balanced" else None)
     ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn,
-                      cfg.train.grad_accum_steps)
+                      cfg.train.grad_accum_steps, cfg.train.label_smoothing, weights)
     meta = {
         "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
         "arch_kwargs": model_lib.arch_kwargs(cfg.model, cfg.data.image_size),
@@ -365,6 +378,26 @@ def report_bad_images(cfg: Config, d: data.Data, tr: EpochResult, va: EpochResul
 
 # ----------------------------------------------------------------------------- each epoch
 
+def stops_early(cfg: Config, state: RunState, log) -> bool:
+    """train.early_stopping_patience: every rank sees the same reduced metrics, so all stop together;
+    checked before each epoch, so a resumed run that had stopped stays stopped."""
+    patience = cfg.train.early_stopping_patience
+    if not patience or state.epochs_without_improvement() < patience:
+        return False
+    log(f"early stop after epoch {state.epoch}: no better {cfg.train.select_best_by} for {patience} epoch(s) "
+        f"(best at epoch {state.best_epoch})")
+    return True
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean F1 over the classes the val split has ([true, predicted] counts)."""
+    c = confusion.double()
+    tp, support, predicted = c.diag(), c.sum(1), c.sum(0)
+    f1 = torch.where(support + predicted > 0, 2 * tp / (support + predicted).clamp(min=1), torch.zeros_like(tp))
+    present = support > 0
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
 def check_finite(split: str, loss: float, epoch: int, run: Run) -> None:
     """A NaN or infinite loss means the weights are gone: stop before this epoch is saved (every
     rank sees the same reduced loss, so all stop together)."""
@@ -380,7 +413,7 @@ def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], 
                 digest: str | None, device: torch.device) -> dict:
     """The epoch's line in metrics.jsonl."""
     row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
-           "val_acc": va.acc, "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
+           "val_acc": va.acc, "macro_f1": macro_f1(va.confusion), "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
            "seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "val_seconds": va.seconds,
            "train_samples": tr.samples, "val_samples": va.samples, **peak_memory_mb(device)}
     if digest:
@@ -391,10 +424,11 @@ def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], 
 def record_and_save(run: Run, writer: checkpoint.BackgroundWriter, row: dict, va: EpochResult) -> bool:
     """Add the epoch to the run state and (rank 0) hand its files to the writer; True if it is the best."""
     acc, state = run.accelerator, run.state
-    is_best = state.improves(va.acc)
+    score = score_of(row, run.cfg.train.select_best_by)
+    is_best = state.improves(score)
     # A CPU copy, taken now: kept as the best, and written while the next epoch trains.
     weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict()) if is_best or acc.is_main_process else None
-    state.record(row, va.acc, va.confusion, weights)
+    state.record(row, score, va.confusion, weights)
     rngs = gather_objects(acc, rng_state())
     if acc.is_main_process:
         state.optimizer, state.rng = checkpoint.snapshot(run.optimizer.state_dict()), rngs

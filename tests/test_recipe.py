@@ -1,0 +1,159 @@
+"""Training recipes: the schedules' closed forms, optimizer groups, class weights, best-by and early
+stopping, one-line config errors, and a SIGKILLed run with every option on resuming bit for bit."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tl_dist import config, model, recipe, train
+from tl_dist.evaluate import classification_metrics
+from tl_dist.runstate import RunState
+from tl_dist.trainer import macro_f1, stops_early
+
+from .conftest import FAST, ROOT, train_in_process
+
+RECIPE = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
+          "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
+          "train.class_weights=balanced", "train.select_best_by=macro_f1"]
+
+
+def cfg_of(*over):
+    return config.load(None, ["train.epochs=10", *over])
+
+
+@pytest.mark.parametrize("t, want", [(0.0, 0.01), (0.25, 0.01 + 0.99 * 0.25), (1.0, 1.0),
+                                     (1 + 4.5, 0.5), (10 - 1e-9, 0.0)])
+def test_cosine_with_warmup_is_its_closed_form(t, want):
+    # warm-up over 1 epoch from 1% of the base, then half a cosine over the remaining 9 epochs
+    cfg = cfg_of("scheduler.name=cosine", "scheduler.warmup_epochs=1", "optim.lr=0.2", "optim.backbone_lr=0.02")
+    head, backbone = recipe.lrs_at(cfg, int(t), t)
+    assert head == pytest.approx(0.2 * want, abs=1e-12) and backbone == pytest.approx(0.02 * want, abs=1e-12)
+
+
+def test_step_onecycle_and_constant_are_their_closed_forms():
+    step = cfg_of("scheduler.step_size=3", "scheduler.gamma=0.5", "scheduler.warmup_epochs=0.5")
+    assert recipe.lrs_at(step, 0, 0.0)[0] == pytest.approx(0.001 * 0.01)
+    assert recipe.lrs_at(step, 0, 0.25)[0] == pytest.approx(0.001 * (0.01 + 0.99 * 0.5))
+    assert recipe.lrs_at(step, 4, 4.7)[0] == pytest.approx(0.001 * 0.5)  # StepLR: per epoch, not per step
+    assert recipe.lrs_at(step, 6, 6.0)[0] == pytest.approx(0.001 * 0.25)
+    one = cfg_of("scheduler.name=onecycle", "scheduler.pct_start=0.3")
+    assert recipe.lrs_at(one, 0, 0.0)[0] == pytest.approx(0.001 / 25)
+    assert recipe.lrs_at(one, 3, 3.0)[0] == pytest.approx(0.001)
+    assert recipe.lrs_at(one, 6, 6.5)[0] == pytest.approx(0.001 * (1 / 25e4 + (1 - 1 / 25e4) * 0.5))
+    assert recipe.lrs_at(cfg_of("scheduler.name=constant"), 9, 9.9) == [0.001, 0.001]
+    # without a warm-up, the tutorial's StepLR is exactly what it was: the same floats
+    plain = cfg_of("scheduler.step_size=7")
+    assert recipe.lrs_at(plain, 8, 8.5) == [0.001 * 0.1 ** 1] * 2
+    assert not recipe.varies_within_epoch(plain) and recipe.varies_within_epoch(step)
+
+
+def test_optimizer_groups_keep_biases_and_norms_out_of_weight_decay():
+    net = model.create("resnet18", 3)
+    cfg = cfg_of(*RECIPE)
+    opt = recipe.build_optimizer(net, cfg)
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 4
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert names[id(net.fc.bias)] not in {names[i] for i in decayed}
+    assert all(names[i].endswith("weight") and net.get_parameter(names[i]).ndim > 1 for i in decayed)
+    assert len(decayed) + sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] == 0) == \
+        len(list(net.parameters()))
+    recipe.set_lrs(opt, cfg_of(*RECIPE, "optim.backbone_lr=0.0001"), 5, 5.0)
+    assert [g["lr"] > 1e-4 for g in opt.param_groups] == [True, True, False, False]  # head, head, backbone x2
+    sgd = recipe.build_optimizer(net, cfg_of("optim.nesterov=true"))
+    assert sgd.param_groups[0]["nesterov"] and len(sgd.param_groups) == 2
+
+
+def test_balanced_class_weights_and_macro_f1():
+    w = recipe.class_weights([0, 0, 0, 1], 3)
+    assert w.tolist() == pytest.approx([4 / 6, 2.0, 0.0])  # class 2 has no train image
+    confusion = torch.tensor([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
+    logits = torch.cat([torch.eye(3)[p].repeat(int(n), 1) * 5 for row in confusion.tolist()
+                        for p, n in enumerate(row) if n])
+    labels = torch.cat([torch.full((int(n),), t) for t, row in enumerate(confusion.tolist()) for n in row if n])
+    assert macro_f1(confusion) == pytest.approx(classification_metrics(logits, labels, list("abc"))["macro_avg"]["f1"])
+
+
+def test_early_stopping_counts_epochs_since_the_best():
+    state, cfg = RunState(), cfg_of("train.early_stopping_patience=2")
+    for epoch, acc in enumerate([0.5, 0.7, 0.7, 0.6]):
+        state.record({"epoch": epoch, "val_acc": acc, "val_loss": 1.0}, acc, torch.zeros(2, 2), None)
+    assert state.best_epoch == 1 and stops_early(cfg, state, lambda m: None)  # the tie at epoch 2 is no better
+    assert not stops_early(cfg_of("train.early_stopping_patience=3"), state, lambda m: None)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.name=adam", "optim.name (in command line) must be one of sgd|adamw"),
+    ("scheduler.name=linear", "must be one of step|cosine|onecycle|constant"),
+    ("train.label_smoothing=1.5", "train.label_smoothing (in command line) must be a number in [0, 1)"),
+    ("train.select_best_by=f1", "must be one of val_acc|macro_f1|val_loss"),
+    ("train.class_weights=inverse", "must be one of none|balanced"),
+    ("scheduler.warmup_epochs=-1", "0 or more epochs"),
+    ("optim.betas=[0.9]", "[beta1, beta2]"),
+])
+def test_bad_recipe_values_are_one_line(override, words, tmp_path, capsys):
+    assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), override,
+                       f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+
+
+def test_rules_between_keys_are_one_line(tmp_path, capsys):
+    for over, words in ((["scheduler.name=onecycle", "scheduler.warmup_epochs=1"], "pct_start"),
+                        (["optim.name=adamw", "optim.nesterov=true"], "optim.nesterov=true needs optim.name=sgd")):
+        assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *over, f"train.output_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.e2e
+def test_early_stopping_stops_and_stays_stopped(tiny_data, tmp_path, capsys):
+    # A learning rate too small to change any prediction: val accuracy ties, never improves.
+    over = ["optim.lr=1e-12", "train.early_stopping_patience=1", "train.epochs=6"]
+    assert train_in_process(tmp_path, tiny_data, *over) == 0
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and "early stop after epoch 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "complete"
+    assert train_in_process(tmp_path, tiny_data, *over) == 0  # the same command again: nothing more to do
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _cmd(data_dir, out, epochs):
+    return [sys.executable, "-m", "tl_dist.train", "--config", str(ROOT / "configs" / "demo.yaml"), *FAST, *RECIPE,
+            "data.image_size=64", "data.resize_size=72", f"data.root={data_dir}", "data.demo=false",
+            "data.batch_size=4", f"train.epochs={epochs}", f"train.output_dir={out}"]
+
+
+@pytest.mark.e2e
+def test_every_recipe_option_resumes_bit_identical_after_sigkill(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    r = subprocess.run(_cmd(tiny_data, full, 4), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "killed"
+    p = subprocess.Popen(_cmd(tiny_data, out, 4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "resume.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert p.returncode == -signal.SIGKILL and 1 <= done < 4
+    r = subprocess.run(_cmd(tiny_data, out, 4), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
+    a, b = load_file(str(full / "last.safetensors")), load_file(str(out / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(l).items() if "seconds" not in k and "peak" not in k}
+                for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows(full) == rows(out)  # losses, accuracies, macro F1 and learning rates, epoch by epoch
+    assert json.loads((full / "best.json").read_text())["epoch"] == json.loads((out / "best.json").read_text())["epoch"]
+    assert not math.isclose(rows(full)[0]["lr"], rows(full)[1]["lr"])  # the schedule really moved
