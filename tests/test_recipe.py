@@ -21,7 +21,7 @@ from .conftest import FAST, ROOT, train_in_process
 
 RECIPE = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
           "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
-          "train.class_weights=balanced", "train.select_best_by=macro_f1"]
+          "train.class_weights=balanced", "train.select_best_by=macro_f1", "train.ema_decay=0.9"]
 
 
 def cfg_of(*over):
@@ -81,6 +81,37 @@ def test_balanced_class_weights_and_macro_f1():
     assert macro_f1(confusion) == pytest.approx(classification_metrics(logits, labels, list("abc"))["macro_avg"]["f1"])
 
 
+def test_ema_follows_its_closed_form_and_copies_counters():
+    from tl_dist.ema import EMA
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, decay=0.9)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net[1].num_batches_tracked += 5
+    ema.update()  # first update: rate min(0.9, 1/10) = 0.1, so 90% of the way to the model
+    assert torch.allclose(ema.module[0].weight, start + 0.9) and ema.module[1].num_batches_tracked == 5
+    for _ in range(200):
+        ema.update()
+    assert ema.rate() == 0.9 and torch.allclose(ema.module[0].weight, net[0].weight)
+    assert ema.module[0].weight.requires_grad is False
+
+
+@pytest.mark.e2e
+def test_with_ema_the_saved_weights_are_the_average_that_was_evaluated(tiny_data, tmp_path):
+    from tl_dist import evaluate
+    assert train_in_process(tmp_path / "run", tiny_data, "train.ema_decay=0.9", "train.epochs=2") == 0
+    resume = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert all(torch.equal(last[k], resume["ema"][k]) for k in last) and resume["ema_updates"] == 12
+    assert not torch.equal(last["fc.weight"], resume["model"]["fc.weight"])  # the average, not the model
+    assert evaluate.main([str(tiny_data), "--split", "val", "--checkpoint", str(tmp_path / "run"), "--json",
+                          "--out", str(tmp_path / "ev")]) == 0
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (m["accuracy"], m["loss"]) == (best["val_acc"], best["val_loss"])
+
+
 def test_early_stopping_counts_epochs_since_the_best():
     state, cfg = RunState(), cfg_of("train.early_stopping_patience=2")
     for epoch, acc in enumerate([0.5, 0.7, 0.7, 0.6]):
@@ -97,6 +128,7 @@ def test_early_stopping_counts_epochs_since_the_best():
     ("train.class_weights=inverse", "must be one of none|balanced"),
     ("scheduler.warmup_epochs=-1", "0 or more epochs"),
     ("optim.betas=[0.9]", "[beta1, beta2]"),
+    ("train.ema_decay=1", "train.ema_decay (in command line) must be a number in [0, 1)"),
 ])
 def test_bad_recipe_values_are_one_line(override, words, tmp_path, capsys):
     assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), override,

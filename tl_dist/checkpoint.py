@@ -211,6 +211,9 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
                                           and meta["epoch"] >= 0), "an epoch number"),
         ("val_acc", "val_acc" not in meta or (_number(meta["val_acc"]) and 0 <= meta["val_acc"] <= 1),
          "a number from 0 to 1"),
+        ("macro_f1", "macro_f1" not in meta or (_number(meta["macro_f1"]) and 0 <= meta["macro_f1"] <= 1),
+         "a number from 0 to 1"),
+        ("val_loss", "val_loss" not in meta or _number(meta["val_loss"]), "a finite number"),
     )
     for key, ok, expected in checks:
         if not ok:

@@ -125,6 +125,8 @@ class TrainSection:
                               "inverse of its class's frequency in the train split", ("none", "balanced"))
     select_best_by: str = _key("val_acc", "the val metric that picks best.safetensors (ties: the earlier epoch)",
                                ("val_acc", "macro_f1", "val_loss"))
+    ema_decay: float = _key(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
+                            "0 = off): it is what is evaluated, picked as best and saved")
     early_stopping_patience: int = _key(0, "stop after this many epochs without a better select_best_by value "
                                         "(0 = off); the best weights are kept as always")
     plots: bool = _key(True, "draw train_batch.png, val_predictions.png, curves.png, confusion_matrix.png")
@@ -170,6 +172,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "scheduler.warmup_start_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "scheduler.pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "train.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1) (0 = off)"),
     "train.early_stopping_patience": (lambda v: v >= 0, "0 (off) or a positive number of epochs"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "scheduler.step_size": (lambda v: v > 0, "a positive integer"),

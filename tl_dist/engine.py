@@ -111,11 +111,12 @@ def _to_device(batch, device, ctx: StepContext):
 
 def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: TrainBatchSampler,
                     ctx: StepContext, epoch: int, should_stop: Callable[[], bool] = lambda: False,
-                    on_window: Callable[[int, int], None] = lambda done, size: None) -> EpochResult:
+                    on_window: Callable[[int, int], None] = lambda done, size: None,
+                    after_step: Callable[[], None] = lambda: None) -> EpochResult:
     """One epoch of optimizer steps. ``on_window(done, size)`` runs before each accumulation window
     (one optimizer step): the global number of images the epoch's earlier windows took, and this
     window's. Positions in images are the same for any world size and accumulation that take the
-    same steps."""
+    same steps. ``after_step()`` runs after each optimizer step."""
     t0 = time.perf_counter()
     model.train()
     set_train_mode(accelerator.unwrap_model(model), True, ctx.frozen, ctx.frozen_bn)
@@ -137,6 +138,8 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
             on_window(done, denom)
             done += denom
         train_step(x, y, w, world / denom, sync)
+        if sync:
+            after_step()
         bar.update(1)
         if sync and should_stop():
             stopped = True

@@ -46,6 +46,8 @@ class RunState:
     best_model: dict[str, torch.Tensor] | None = None
     best_confusion: torch.Tensor | None = None
     model: dict[str, torch.Tensor] | None = None  # the weights at the end of ``epoch``
+    ema: dict[str, torch.Tensor] | None = None  # their moving average (train.ema_decay), what is evaluated
+    ema_updates: int = 0
     optimizer: dict | None = None
     rng: list[dict] = field(default_factory=list)  # each rank's RNG states, in rank order
     data: dict | None = None  # data_fingerprint() of the data the last segment trained on
@@ -58,14 +60,16 @@ class RunState:
     def improves(self, score: float) -> bool:
         return score > self.best_score  # ties keep the earlier epoch
 
-    def record(self, row: dict, score: float, confusion: torch.Tensor, weights: dict | None) -> bool:
-        """Add a finished epoch with its weights (a copy taken at its end); True if it is the best so far."""
+    def record(self, row: dict, score: float, confusion: torch.Tensor, weights: dict | None,
+               ema: dict | None = None) -> bool:
+        """Add a finished epoch with its weights (copies taken at its end: the model's and, with
+        train.ema_decay, their average, which is what was evaluated); True if it is the best so far."""
         is_best = self.improves(score)
-        self.epoch, self.model = row["epoch"], weights
+        self.epoch, self.model, self.ema = row["epoch"], weights, ema
         self.history.append(row)
         if is_best:
             self.best_score, self.best_val_acc, self.best_epoch, self.best_model, self.best_confusion = \
-                score, row["val_acc"], row["epoch"], weights, confusion
+                score, row["val_acc"], row["epoch"], ema if ema is not None else weights, confusion
         return is_best
 
     def rescore(self, by: str) -> None:
@@ -91,7 +95,7 @@ class RunState:
 def score_of(row: dict, by: str) -> float:
     """An epoch's train.select_best_by value from its metrics row, higher is better."""
     if by == "val_loss":
-        return -row["val_loss"]
+        return -row.get("val_loss", math.inf)
     return row.get(by, -math.inf)  # macro_f1 is missing from rows written before it was measured
 
 
@@ -100,10 +104,11 @@ def score_of(row: dict, by: str) -> float:
 def save_epoch(out: Path, meta: dict, is_best: bool, state: dict) -> None:
     """An epoch's files (rank 0, possibly on the writer's thread) from its resume state, in an order
     that leaves the run resumable at every moment: weights, metrics, then the resume state."""
+    evaluated = state["ema"] if state.get("ema") is not None else state["model"]
     try:
-        checkpoint.save_weights(out / "last.safetensors", state["model"], {**meta, "kind": "last"})
+        checkpoint.save_weights(out / "last.safetensors", evaluated, {**meta, "kind": "last"})
         if is_best:
-            checkpoint.save_weights(out / "best.safetensors", state["model"], {**meta, "kind": "best"})
+            checkpoint.save_weights(out / "best.safetensors", evaluated, {**meta, "kind": "best"})
         checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n"
                                                                            for r in state["history"]))
         checkpoint.save_state(out / RESUME_FILE, state)
@@ -133,11 +138,13 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
             raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
                             f"{now!r}; use another train.output_dir or train.resume=none")
     state = RunState.from_resume(s)
+    state.rescore(cfg.train.select_best_by)
     best = Path(cfg.train.output_dir) / "best.safetensors"
     if best.exists():  # never let a resumed run overwrite a better best with a worse one
         on_disk = checkpoint.read_metadata(best)
-        if on_disk.get("val_acc", -1) > state.best_val_acc:
-            state.best_val_acc, state.best_epoch = on_disk["val_acc"], on_disk["epoch"]
+        score = score_of(on_disk, cfg.train.select_best_by)  # (its metadata has the val metrics)
+        if score > state.best_score:
+            state.best_score, state.best_val_acc, state.best_epoch = score, on_disk["val_acc"], on_disk["epoch"]
             state.best_model = checkpoint.load_weights(best)[0]
     return state
 

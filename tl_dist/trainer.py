@@ -30,6 +30,7 @@ from . import model as model_lib
 from .config import Config
 from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, gather_objects,
                           make_accelerator, on_main_then_share, rewrap_unfrozen, share_buffers)
+from .ema import EMA
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
 from .errors import UserError, drop_stdout, first_few, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
@@ -104,14 +105,16 @@ def _fit(cfg: Config, stop: StopRequest, writer: checkpoint.BackgroundWriter, lo
         d.train_sampler.set_epoch(epoch)
         tr = train_one_epoch(acc, run.net, run.step, d.train_loader, d.train_sampler, run.ctx, epoch,
                              should_stop=lambda: stop.check(acc),
-                             on_window=functools.partial(run.before_step, epoch, lrs))
+                             on_window=functools.partial(run.before_step, epoch, lrs),
+                             after_step=run.ema.update if run.ema else lambda: None)
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
         check_finite("train", tr.loss, epoch, run)
         run.drop_failed_graphs()
         share_buffers(acc, run.net)
-        va = evaluate(acc, run.net, d.val_loader, run.ctx, len(d.classes), epoch, run.head_inputs)
+        va = evaluate(acc, run.ema.module if run.ema else run.net, d.val_loader, run.ctx, len(d.classes), epoch,
+                      run.head_inputs)
         check_finite("val", va.loss, epoch, run)
         digest = assert_ranks_in_sync(acc, run.net, epoch)
         report_bad_images(cfg, d, tr, va, epoch, run.log)
@@ -142,6 +145,7 @@ class Run:
     state: RunState
     meta: dict  # what every checkpoint of this run says about itself
     tracking: tracking.Tracking
+    ema: EMA | None = None
     head_inputs: HeadInputs | None = None
 
     def log(self, msg: str) -> None:
@@ -196,7 +200,6 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
         except (RuntimeError, KeyError, TypeError) as e:
             raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
                             f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
-        state.rescore(cfg.train.select_best_by)
         log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_val_acc:.4f} "
             f"at epoch {state.best_epoch})")
 
@@ -261,7 +264,14 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     keep_features = (frozen and cfg.model.frozen_bn == "eval" and isinstance(head, torch.nn.Linear)
                      and feature_bytes <= cfg.data.cache_gb * 2**30)
     trackers = tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start)
-    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta, trackers,
+    ema = None
+    if cfg.train.ema_decay > 0:  # (after prepare: the average lives where the model does)
+        ema = EMA(accelerator.unwrap_model(net), cfg.train.ema_decay)
+        if state.ema is not None:
+            ema.load(state.ema, state.ema_updates)
+        elif state.epoch >= 0:
+            log(f"note: train.ema_decay is new at this resume: the average starts from epoch {state.epoch}'s weights")
+    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta, trackers, ema,
                HeadInputs() if keep_features else None)
 
 
@@ -426,13 +436,19 @@ def record_and_save(run: Run, writer: checkpoint.BackgroundWriter, row: dict, va
     acc, state = run.accelerator, run.state
     score = score_of(row, run.cfg.train.select_best_by)
     is_best = state.improves(score)
-    # A CPU copy, taken now: kept as the best, and written while the next epoch trains.
-    weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict()) if is_best or acc.is_main_process else None
-    state.record(row, score, va.confusion, weights)
+    # CPU copies, taken now: kept as the best, and written while the next epoch trains. The
+    # average (train.ema_decay) is what was evaluated, so it is what best and last hold.
+    keep = is_best or acc.is_main_process
+    weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict()) if acc.is_main_process else None
+    ema = checkpoint.snapshot(run.ema.state_dict()) if run.ema and keep else None
+    if run.ema is None and is_best and weights is None:
+        weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict())
+    state.record(row, score, va.confusion, weights, ema)
+    state.ema_updates = run.ema.updates if run.ema else 0
     rngs = gather_objects(acc, rng_state())
     if acc.is_main_process:
         state.optimizer, state.rng = checkpoint.snapshot(run.optimizer.state_dict()), rngs
-        meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss}
+        meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss, "macro_f1": row["macro_f1"]}
         resume = state.to_resume(model_identity(run.cfg, run.data.classes))
         writer.submit(functools.partial(save_epoch, run.out, meta, is_best, resume))
     return is_best
