@@ -180,7 +180,7 @@ def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path, arch):
 # cosine set at every optimizer step from the images done, label smoothing, class weights.
 RECIPE = ("optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
           "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
-          "train.class_weights=balanced")
+          "train.class_weights=balanced", "data.augment=trivialaugment", "data.random_erasing=0.25")
 
 
 @pytest.mark.parametrize("recipe", [(), RECIPE], ids=["tutorial", "recipe"])

@@ -21,7 +21,8 @@ from .conftest import FAST, ROOT, train_in_process
 
 RECIPE = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
           "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
-          "train.class_weights=balanced", "train.select_best_by=macro_f1", "train.ema_decay=0.9"]
+          "train.class_weights=balanced", "train.select_best_by=macro_f1", "train.ema_decay=0.9",
+          "data.augment=trivialaugment", "data.random_erasing=0.25"]
 
 
 def cfg_of(*over):
@@ -110,6 +111,42 @@ def test_with_ema_the_saved_weights_are_the_average_that_was_evaluated(tiny_data
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert (m["accuracy"], m["loss"]) == (best["val_acc"], best["val_loss"])
+
+
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment", "autoaugment"])
+def test_augmentation_policies_draw_only_from_the_sample(policy):
+    """Each image's policy is a function of (seed, epoch, index): not of the global RNGs (so not of
+    the rank, the worker or what ran before), and different from image to image."""
+    import random
+
+    from PIL import Image
+
+    from tl_dist.augment import policy_ops, sample_rng, train_transform
+    cfg = config.load(None, [f"data.augment={policy}", "data.random_erasing=0.5", "data.image_size=32",
+                             "data.resize_size=36", "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]",
+                             "data.interpolation=bilinear"]).data
+    img = Image.effect_mandelbrot((80, 60), (-2, -1.2, 1, 1.2), 50).convert("RGB")
+    first = [train_transform(img, sample_rng(0, 3, i), cfg) for i in range(8)]
+    torch.manual_seed(123)
+    random.seed(456)
+    again = [train_transform(img, sample_rng(0, 3, i), cfg) for i in range(8)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    plain = config.load(None, ["data.image_size=32", "data.resize_size=36", "data.interpolation=bilinear",
+                               "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"]).data
+    changed = [not torch.equal(a, train_transform(img, sample_rng(0, 3, i), plain)) for i, a in enumerate(first)]
+    assert sum(changed) >= 4  # the policy (and erasing) acted on most images
+    ops = {name for i in range(200) for name, _ in policy_ops(sample_rng(0, 0, i), policy, 32)}
+    assert len(ops) >= 8  # draws spread over torchvision's operation table
+
+
+def test_host_only_augmentation_leaves_the_device_path_and_says_so(tiny_data):
+    from tl_dist import data
+    classes, train, val = data.list_splits(str(tiny_data))
+    cfg = config.load(None, ["data.image_size=32", "data.resize_size=36", "data.num_workers=0", "data.cache=device",
+                             "data.augment=randaugment", "data.interpolation=bilinear", "data.mean=[0.5,0.5,0.5]",
+                             "data.std=[0.2,0.2,0.2]"]).data
+    d = data.build(cfg, classes, train, val, seed=0)
+    assert d.cache == "ram" and "data.augment=randaugment runs on the host" in d.warning
 
 
 def test_early_stopping_counts_epochs_since_the_best():

@@ -47,6 +47,11 @@ class DataConfig:
     scale: list[float] = _key([0.08, 1.0], "RandomResizedCrop scale [min, max]")
     ratio: list[float] = _key([3 / 4, 4 / 3], "RandomResizedCrop aspect ratio [min, max]")
     hflip: bool = _key(True, "RandomHorizontalFlip")
+    augment: str = _key("seed", "after the crop and flip: seed (nothing more, the tutorial's), or torchvision's "
+                        "trivialaugment (TrivialAugmentWide), randaugment (2 ops, magnitude 9) or autoaugment "
+                        "(the ImageNet policy); host (PIL) path", ("seed", "trivialaugment", "randaugment", "autoaugment"))
+    random_erasing: float = _key(0.0, "probability of erasing a random rectangle of each train image (torchvision's "
+                                 "RandomErasing: 2-33% of the area, filled with the mean colour)")
     batch_size: int = _key(4, "train batch per process (the global batch is this x processes)")
     eval_batch_size: int = _key(0, "val batch per process; 0 = 8 x batch_size (no gradients, so it can be larger)")
     num_workers: int = _key(4, "loader worker processes per training process")
@@ -154,6 +159,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.image_size": (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
     "data.resize_size": (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE, f"an integer from 1 to {MAX_IMAGE_SIZE}"),
     "data.batch_size": (lambda v: v > 0, "a positive integer"),
+    "data.random_erasing": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "data.eval_batch_size": (lambda v: v >= 0, "0 (auto) or a positive integer"),
     "data.num_workers": (lambda v: 0 <= v <= 256, "from 0 to 256"),
     "data.cache_gb": (lambda v: v >= 0, "0 or more"),

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import eval_transform, sample_rng, train_transform
+from .augment import eval_transform, host_only, sample_rng, train_transform
 from .config import DataConfig
 from .errors import UserError, printable
 from . import device_data
@@ -251,6 +251,11 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     val_ds = ImageDataset(val, cfg, train=False, seed=seed)
     place = cache_place(cfg, train, val, sizes, device)
     threads = os.cpu_count() or 1
+    warning = None
+    if place == "device" and host_only(cfg):
+        warning = (f"note: {host_only(cfg)} runs on the host (PIL) path: decoded images are kept in RAM "
+                   f"(data.cache=ram) instead of on the {device.type}")
+        place = "ram"
     if place == "ram":  # (device: decoded straight into device memory below)
         train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
     if place != "none":
@@ -258,7 +263,6 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
     eval_sampler = EvalBatchSampler(len(val), cfg.eval_batch_size or 8 * cfg.batch_size, world, rank)
-    warning = None
     if place == "device":
         train_labels, val_labels = [label for _, label in train], [label for _, label in val]
         train_loader = device_data.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads)
