@@ -22,7 +22,8 @@ from .conftest import FAST, ROOT, train_in_process
 RECIPE = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
           "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
           "train.class_weights=balanced", "train.select_best_by=macro_f1", "train.ema_decay=0.9",
-          "data.augment=trivialaugment", "data.random_erasing=0.25"]
+          "data.augment=trivialaugment", "data.random_erasing=0.25", "train.mixup_alpha=0.2",
+          "train.cutmix_alpha=1.0", "train.mix_prob=0.8"]
 
 
 def cfg_of(*over):
@@ -149,6 +150,42 @@ def test_host_only_augmentation_leaves_the_device_path_and_says_so(tiny_data):
     assert d.cache == "ram" and "data.augment=randaugment runs on the host" in d.warning
 
 
+def test_mixup_and_cutmix_mix_each_batch_with_itself_shifted_and_mix_the_loss():
+    import torch.nn.functional as F
+
+    from tl_dist import mixing
+    from tl_dist.engine import StepContext, train_loss
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    kinds = {mixing.draw(0, 0, m, 0.2, 1.0, 1.0, 8, 8)[0] for m in range(40)}
+    assert kinds == {"mixup", "cutmix"}
+    assert mixing.draw(0, 0, 7, 0.2, 1.0, 1.0, 8, 8) == mixing.draw(0, 0, 7, 0.2, 1.0, 1.0, 8, 8)  # (seed, epoch, m)
+    assert sum(mixing.draw(0, 1, m, 0.2, 0.0, 0.5, 8, 8) is None for m in range(200)) in range(70, 130)
+    mixed, mix = mixing.apply(x, y, ("mixup", 0.7, None))
+    assert torch.allclose(mixed, 0.7 * x + 0.3 * x.roll(1, 0)) and mix.y2.tolist() == [1, 0, 1, 2]
+    drawn = next(d for m in range(50) if (d := mixing.draw(3, 0, m, 0.0, 1.0, 1.0, 8, 8)) and 0 < d[1] < 1)
+    top, bottom, left, right = drawn[2]
+    cut, mix = mixing.apply(x, y, drawn)
+    assert torch.equal(cut[:, :, top:bottom, left:right], x.roll(1, 0)[:, :, top:bottom, left:right])
+    assert mix.lam == pytest.approx(1 - (bottom - top) * (right - left) / 64)  # the share that stayed
+    out = torch.randn(4, 3)
+    ctx = StepContext([0.5] * 3, [0.2] * 3, False, False, "eval", label_smoothing=0.1,
+                      class_weights=torch.tensor([1.0, 2.0, 0.5]))
+    want = [0.7 * ctx.class_weights[a] * F.cross_entropy(out[i:i + 1], torch.tensor([a]), label_smoothing=0.1)
+            + 0.3 * ctx.class_weights[b] * F.cross_entropy(out[i:i + 1], torch.tensor([b]), label_smoothing=0.1)
+            for i, (a, b) in enumerate(zip([0, 1, 2, 1], [1, 0, 1, 2]))]
+    got = train_loss(out, y, ctx, mixing.Mix(y.roll(1, 0), 0.7, "mixup"))
+    assert torch.allclose(got, torch.stack(want).flatten())
+
+
+def test_cuda_graphs_name_every_recipe_option_they_cannot_replay():
+    from tl_dist.errors import UserError
+    from tl_dist.graphs import check_cuda_graphs
+    cfg = cfg_of("train.cuda_graphs=true", "optim.name=adamw", "scheduler.name=cosine", "train.mixup_alpha=0.2")
+    with pytest.raises(UserError) as e:
+        check_cuda_graphs(cfg, torch.device("cpu"), 1, "no")
+    assert all(words in str(e.value) for words in ("optim.name=sgd", "fixed within each epoch", "no MixUp / CutMix"))
+
+
 def test_early_stopping_counts_epochs_since_the_best():
     state, cfg = RunState(), cfg_of("train.early_stopping_patience=2")
     for epoch, acc in enumerate([0.5, 0.7, 0.7, 0.6]):
@@ -166,6 +203,8 @@ def test_early_stopping_counts_epochs_since_the_best():
     ("scheduler.warmup_epochs=-1", "0 or more epochs"),
     ("optim.betas=[0.9]", "[beta1, beta2]"),
     ("train.ema_decay=1", "train.ema_decay (in command line) must be a number in [0, 1)"),
+    ("train.mixup_alpha=-1", "train.mixup_alpha (in command line) must be 0 (off) or a positive number"),
+    ("train.mix_prob=2", "a probability from 0 to 1"),
 ])
 def test_bad_recipe_values_are_one_line(override, words, tmp_path, capsys):
     assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), override,

@@ -130,6 +130,11 @@ class TrainSection:
                               "inverse of its class's frequency in the train split", ("none", "balanced"))
     select_best_by: str = _key("val_acc", "the val metric that picks best.safetensors (ties: the earlier epoch)",
                                ("val_acc", "macro_f1", "val_loss"))
+    mixup_alpha: float = _key(0.0, "MixUp: mix each train batch with itself shifted by one, lam ~ Beta(alpha, alpha), "
+                              "soft-target loss (e.g. 0.2; 0 = off)")
+    cutmix_alpha: float = _key(0.0, "CutMix: paste a box of the shifted batch, its area from Beta(alpha, alpha) (e.g. "
+                               "1.0; 0 = off); with mixup_alpha too, each batch takes one of the two at random")
+    mix_prob: float = _key(1.0, "the share of train batches MixUp / CutMix is applied to")
     ema_decay: float = _key(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
                             "0 = off): it is what is evaluated, picked as best and saved")
     early_stopping_patience: int = _key(0, "stop after this many epochs without a better select_best_by value "
@@ -178,6 +183,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "scheduler.warmup_start_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "scheduler.pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "train.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.mixup_alpha": (lambda v: v >= 0, "0 (off) or a positive number"),
+    "train.cutmix_alpha": (lambda v: v >= 0, "0 (off) or a positive number"),
+    "train.mix_prob": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1) (0 = off)"),
     "train.early_stopping_patience": (lambda v: v >= 0, "0 (off) or a positive number of epochs"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import mixing
 from .augment import normalize
 from .data import TrainBatchSampler
 from .distributed import gather_union, reduce_sum
+from .mixing import Mix
 from .model import head_module, set_train_mode
 
 
@@ -44,16 +46,28 @@ class StepContext:
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
     class_weights: torch.Tensor | None = None  # per class, on the device (train.class_weights)
+    seed: int = 0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
-def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepContext | None, mix: Mix | None = None) -> torch.Tensor:
     """The per-sample train loss: cross-entropy with the run's label smoothing, times the sample's
-    class weight. Normalised by the number of samples (not the sum of weights) like every loss
-    here, so the world-size rule of the step holds unchanged."""
+    class weight; for a mixed batch, the same mixed with the second targets' (soft targets).
+    Normalised by the number of samples (not the sum of weights) like every loss here, so the
+    world-size rule of the step holds unchanged."""
     if ctx is None:
         return F.cross_entropy(out.float(), y, reduction="none")
-    per_sample = F.cross_entropy(out.float(), y, reduction="none", label_smoothing=ctx.label_smoothing)
-    return per_sample if ctx.class_weights is None else per_sample * ctx.class_weights[y]
+
+    def one(target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(out.float(), target, reduction="none", label_smoothing=ctx.label_smoothing)
+        return loss if ctx.class_weights is None else loss * ctx.class_weights[target]
+    return one(y) if mix is None else mix.lam * one(y) + (1.0 - mix.lam) * one(mix.y2)
 
 
 class TrainStep(Protocol):
@@ -61,7 +75,8 @@ class TrainStep(Protocol):
     (``sync``) the optimizer step. It adds the batch's (weighted loss, correct, count) to its sums."""
 
     def begin_epoch(self, model: torch.nn.Module, ctx: StepContext) -> None: ...
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, sync: bool) -> None: ...
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, sync: bool,
+                 mix: Mix | None = None) -> None: ...
     def epoch_sums(self) -> torch.Tensor: ...
 
 
@@ -84,13 +99,13 @@ class EagerStep:
         self.model, self.ctx = model, ctx
         self.sums.zero_()
 
-    def __call__(self, x, y, w, scale: float, sync: bool) -> None:
+    def __call__(self, x, y, w, scale: float, sync: bool, mix: Mix | None = None) -> None:
         # Inside an accumulation window DDP must not all-reduce (no_sync); the window's last
         # micro-batch does, and only then does the optimizer step.
         with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
             with self.acc.autocast():
                 out = self.model(x)
-            per_sample = train_loss(out, y, self.ctx)
+            per_sample = train_loss(out, y, self.ctx, mix)
             self.acc.backward((per_sample * w).sum() * scale)
         if sync:
             self.opt.step()
@@ -137,7 +152,12 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
         if step == lo:
             on_window(done, denom)
             done += denom
-        train_step(x, y, w, world / denom, sync)
+        mix = None
+        if ctx.mixes:  # this rank's batch is the global micro-batch step x world + rank (see mixing)
+            drawn = mixing.draw(ctx.seed, epoch, step * world + accelerator.process_index, ctx.mixup_alpha,
+                                ctx.cutmix_alpha, ctx.mix_prob, x.shape[2], x.shape[3])
+            x, mix = mixing.apply(x, y, drawn)
+        train_step(x, y, w, world / denom, sync, mix)
         if sync:
             after_step()
         bar.update(1)

@@ -38,6 +38,7 @@ def check_cuda_graphs(cfg: Config, device: torch.device, processes: int, mp: str
         (f"optim.name=sgd (it is {cfg.optim.name})", cfg.optim.name != "sgd"),
         ("a learning rate fixed within each epoch (scheduler.name step or constant, warmup_epochs 0)",
          recipe.varies_within_epoch(cfg)),
+        ("no MixUp / CutMix (train.mixup_alpha, train.cutmix_alpha 0)", t.mixup_alpha > 0 or t.cutmix_alpha > 0),
     ) if bad]
     drawn = random_layers(cfg)
     if drawn:
@@ -128,11 +129,12 @@ class GraphedStep:
         if key != self._key:
             self._key, self._eager, self._graph, self._static, self._baked = key, 0, None, None, None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, sync: bool) -> None:
-        if self.can_replay(len(y)) and self.step(x, y, w, scale):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, sync: bool,
+                 mix=None) -> None:
+        if mix is None and self.can_replay(len(y)) and self.step(x, y, w, scale):
             return
         with self.eager():
-            self.fallback(x, y, w, scale, sync)
+            self.fallback(x, y, w, scale, sync, mix)
 
     def epoch_sums(self) -> torch.Tensor:
         return self.fallback.epoch_sums() + self.sums

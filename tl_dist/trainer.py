@@ -234,8 +234,9 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
                            capture=accelerator.device.type == "cuda", fallback=step)
     weights = (recipe.class_weights([y for _, y in d.train.samples], len(d.classes)).to(accelerator.device)
                if cfg.train.class_weights == "balanced" else None)
-    ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn,
-                      cfg.train.grad_accum_steps, cfg.train.label_smoothing, weights)
+    t = cfg.train
+    ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn, t.grad_accum_steps,
+                      t.label_smoothing, weights, t.seed, t.mixup_alpha, t.cutmix_alpha, t.mix_prob)
     meta = {
         "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
         "arch_kwargs": model_lib.arch_kwargs(cfg.model, cfg.data.image_size),
