@@ -265,3 +265,28 @@ def test_every_recipe_option_resumes_bit_identical_after_sigkill(tiny_data, tmp_
     assert rows(full) == rows(out)  # losses, accuracies, macro F1 and learning rates, epoch by epoch
     assert json.loads((full / "best.json").read_text())["epoch"] == json.loads((out / "best.json").read_text())["epoch"]
     assert not math.isclose(rows(full)[0]["lr"], rows(full)[1]["lr"])  # the schedule really moved
+
+
+def test_lr_find_suggests_inside_the_falling_stretch():
+    from tl_dist.lr_find import suggestion
+    lrs = [1e-6 * 10 ** (i / 10) for i in range(60)]  # 1e-6 .. ~1e-0.1
+    loss = [2.0 if lr < 1e-4 else (2.0 - (math.log10(lr) + 4) if lr < 1e-2 else 0.5 + (math.log10(lr) + 2) ** 2)
+            for lr in lrs]  # flat, falls from 1e-4 to 1e-2, then rises
+    valley, tenth = suggestion(lrs, loss)
+    assert 1e-4 < valley < 1e-2 and tenth == pytest.approx(lrs[loss.index(min(loss))] / 10)
+
+
+@pytest.mark.e2e
+def test_lr_find_writes_its_two_files_and_nothing_else(tiny_data, tmp_path, capsys):
+    from tl_dist import lr_find
+    out = tmp_path / "run"
+    assert lr_find.main([str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={tiny_data}", "data.demo=false",
+                         f"train.output_dir={out}", "--steps", "20", "--end-lr", "1"]) == 0
+    assert "suggested optim.lr:" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find.png"]  # no run state, no lock
+    r = json.loads((out / "lr_find.json").read_text())
+    ratios = [b / a for a, b in zip(r["lr"], r["lr"][1:])]
+    assert r["lr"][0] == 1e-7 and max(ratios) == pytest.approx(min(ratios))  # exponential
+    assert r["lr"][0] <= r["suggested"] <= r["lr"][-1] and len(r["loss"]) == len(r["lr"]) <= 20
+    assert lr_find.main([str(ROOT / "configs" / "demo.yaml"), f"train.output_dir={out}", "--steps", "2"]) == 2
+    assert "--steps must be 5 or more" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     tl-dist train CONFIG [section.key=value ...]        train (also: python -m tl_dist.train)
     tl-dist predict IMAGE|DIR ... [--checkpoint RUN]    predict (also: python -m tl_dist.predict)
+    tl-dist lr-find CONFIG [section.key=value ...]      the learning-rate range test, a suggested optim.lr
     tl-dist evaluate DATA_DIR --checkpoint RUN          metrics, confusion, calibration, top losses
     tl-dist export RUN [--format onnx|torchscript|exported]  a file other runtimes load, self-checked
     tl-dist runs [DIR] [--json]                         the runs under DIR (runs/) and how they stand
@@ -22,6 +23,7 @@ from . import __version__
 COMMANDS = {
     "train": ("tl_dist.train", "fine-tune or train a frozen-backbone classifier from a YAML config"),
     "predict": ("tl_dist.predict", "predict image classes with a checkpoint (needs nothing else)"),
+    "lr-find": ("tl_dist.lr_find", "the learning-rate range test for a config: a suggested optim.lr and its curve"),
     "evaluate": ("tl_dist.evaluate", "measure a checkpoint on a labelled folder: metrics, errors, calibration"),
     "export": ("tl_dist.export", "export a checkpoint to ONNX, TorchScript or torch.export, checked before it is kept"),
     "runs": ("tl_dist.runs", "the runs under a folder (runs/): arch, epochs, best val acc, status, size"),

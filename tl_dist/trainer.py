@@ -491,7 +491,7 @@ def finish(run: Run, writer: checkpoint.BackgroundWriter, interrupted: int, tota
         summary(state, total, out)
         if run.cfg.train.plots and state.best_model is not None:
             visualize.after_training(acc.unwrap_model(run.net), run.data, run.ctx, state.history,
-                                     state.best_confusion, out, acc.device)
+                                     state.best_confusion, out, acc.device, state.best_epoch)
         run.tracking.pictures(out, state.epoch + 1)
     run.tracking.end()
     return RunResult(out, state.best_val_acc, state.best_epoch, state.history)

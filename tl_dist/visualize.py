@@ -92,11 +92,13 @@ def _spans_decades(values: list[float]) -> bool:
     return len(pos) > 1 and max(pos) / min(pos) > 10
 
 
-def curves(history: list[dict], path: Path) -> None:
+def curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
     """Loss (log scale when it spans more than 10x), accuracy and the learning rates per epoch, the
-    best epoch (highest val accuracy, first on ties, as the run picks it) marked on all three."""
+    best epoch (the run's, by train.select_best_by; default the highest val accuracy, first on ties)
+    marked on all three."""
     epochs = [r["epoch"] for r in history]
-    best = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))
+    best = next((r for r in history if r["epoch"] == best_epoch), None) or \
+        max(history, key=lambda r: (r["val_acc"], -r["epoch"]))
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     loss, acc, lr = fig.subplots(1, 3)
     for ax, key, title in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
@@ -105,7 +107,7 @@ def curves(history: list[dict], path: Path) -> None:
         ax.set_title(title)
     if _spans_decades([r[k] for r in history for k in ("train_loss", "val_loss")]):
         loss.set_yscale("log")
-    acc.annotate(f"best val acc {best['val_acc']:.4f}\nepoch {best['epoch']}", (best["epoch"], best["val_acc"]),
+    acc.annotate(f"best epoch {best['epoch']}\nval acc {best['val_acc']:.4f}", (best["epoch"], best["val_acc"]),
                  xytext=(0.5, 0.12), textcoords="axes fraction", ha="center", fontsize=9,
                  arrowprops={"arrowstyle": "->", "color": "grey"})
     lr.plot(epochs, [r["lr"] for r in history], marker="o", ms=4, color=BLACK, label="head")
@@ -189,7 +191,28 @@ def top_losses(items: list[tuple[torch.Tensor, str, bool]], path: Path) -> None:
         grid(items, path)
 
 
-def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, out: Path, device) -> None:
+def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steep: float, tenth: float,
+            path: Path) -> None:
+    """The range test: loss against learning rate (log axis), raw and smoothed, the suggestions marked."""
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color=TRAIN, alpha=0.3, lw=1, label="loss")
+    ax.plot(lrs, smoothed, color=TRAIN, lw=2, label="smoothed")
+    ax.axvline(steep, color=GREEN, ls="--", lw=1.2, label=f"suggested (valley): {steep:.2g}")
+    ax.axvline(tenth, color=VAL, ls=":", lw=1.2, label=f"minimum / 10: {tenth:.2g}")
+    ax.set_xscale("log")
+    low, high = min(smoothed), max(smoothed[: max(1, len(smoothed) // 10)] + [min(smoothed)])
+    ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.5 * (high - low + 1e-9))  # the informative part
+    ax.set_xlabel("learning rate (optim.lr)")
+    ax.set_ylabel("train loss")
+    ax.set_title("learning-rate range test")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    _save(fig, path)
+
+
+def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, out: Path, device,
+                   best_epoch: int | None = None) -> None:
     val_predictions(model, d.val, d.classes, ctx, device, out / "val_predictions.png")
-    curves(history, out / "curves.png")
+    curves(history, out / "curves.png", best_epoch)
     confusion_matrix(confusion, d.classes, out / "confusion_matrix.png")
