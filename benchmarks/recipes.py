@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def write_demo(root: Path) -> Path:
 def run(arm: str, data: Path, size: list[str], seed: int, epochs: int, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "tl_dist.train", str(ROOT / ARMS[arm]), f"data.root={data}", *size,
            "model.weights=none", f"train.epochs={epochs}", f"train.seed={seed}", f"train.output_dir={out}",
-           "train.resume=none", "train.plots=false", "train.mixed_precision=no", "data.num_workers=0",
+           "train.plots=false", "train.mixed_precision=no", "data.num_workers=0",
            *(extra if arm == "recipe" else [])]
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run: always a fresh one
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:

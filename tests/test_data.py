@@ -228,3 +228,26 @@ def test_a_cuda_error_in_the_device_path_is_one_line_naming_the_key(tiny_data, m
     msg = str(e.value)
     assert msg.startswith("data.cache=device: CUDA error: an illegal memory access") and "\n" not in msg
     assert "while augmenting on the device; set data.cache=ram" in msg
+
+
+@pytest.mark.parametrize("n, bs, world", [(22, 4, 2), (13, 2, 3)])
+def test_the_balanced_sampler_is_one_global_order_with_distinct_draws_for_repeats(n, bs, world):
+    labels = [0] * (n - 3) + [1] * 3  # a rare class
+    single = data.TrainBatchSampler(n, bs * world, 1, 0, seed=3, balanced_labels=labels)
+    ranks = [data.TrainBatchSampler(n, bs, world, r, seed=3, balanced_labels=labels) for r in range(world)]
+    for s in [single, *ranks]:
+        s.set_epoch(2)
+    per_rank = [list(r) for r in ranks]
+    for step, batch in enumerate(single):
+        real = [k[:2] for p in per_rank for k in p[step] if k[2] > 0]
+        assert real == [k[:2] for k in batch if k[2] > 0]  # same images and draw keys for any world size
+    keys = [k[:2] for b in single for k in b if k[2] > 0]
+    assert len(keys) == n and len(set(keys)) == n  # an image drawn twice gets other augmentation draws
+    assert all(e == 2 or e % data.REPEAT_STRIDE == 2 for _, e in keys)
+
+
+def test_the_balanced_sampler_evens_out_the_classes():
+    labels = [0] * 90 + [1] * 10
+    drawn = [labels[i] for epoch in range(20) for i in data.balanced_order(labels, 0, epoch)]
+    assert 0.45 < sum(drawn) / len(drawn) < 0.55  # the 10% class drawn about half the time
+    assert data.balanced_order(labels, 0, 1) == data.balanced_order(labels, 0, 1) != data.balanced_order(labels, 0, 2)

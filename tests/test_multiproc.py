@@ -178,11 +178,12 @@ def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path, arch):
 
 # The recipe's options that touch the data, the gradient or the step: AdamW with decay groups, a
 # warm-up and cosine set at every optimizer step from the images done, label smoothing, class
-# weights, TrivialAugment and random erasing drawn per image, MixUp / CutMix per micro-batch.
+# weights, the class-balanced sampler, TrivialAugment and random erasing drawn per image, MixUp /
+# CutMix per micro-batch.
 RECIPE = ("optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.decay_bias_and_norm=false",
           "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
           "train.class_weights=balanced", "data.augment=trivialaugment", "data.random_erasing=0.25",
-          "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_prob=0.8")
+          "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_prob=0.8", "data.sampler=balanced")
 
 
 @pytest.mark.parametrize("recipe", [(), RECIPE], ids=["tutorial", "recipe"])

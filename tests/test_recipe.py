@@ -23,7 +23,7 @@ RECIPE = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "opti
           "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.label_smoothing=0.1",
           "train.class_weights=balanced", "train.select_best_by=macro_f1", "train.ema_decay=0.9",
           "data.augment=trivialaugment", "data.random_erasing=0.25", "train.mixup_alpha=0.2",
-          "train.cutmix_alpha=1.0", "train.mix_prob=0.8"]
+          "train.cutmix_alpha=1.0", "train.mix_prob=0.8", "data.sampler=balanced"]
 
 
 def cfg_of(*over):

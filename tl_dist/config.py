@@ -47,6 +47,8 @@ class DataConfig:
     scale: list[float] = _key([0.08, 1.0], "RandomResizedCrop scale [min, max]")
     ratio: list[float] = _key([3 / 4, 4 / 3], "RandomResizedCrop aspect ratio [min, max]")
     hflip: bool = _key(True, "RandomHorizontalFlip")
+    sampler: str = _key("shuffle", "train order: shuffle (each image once per epoch) or balanced (as many draws as "
+                        "images, with replacement, every class equally likely)", ("shuffle", "balanced"))
     augment: str = _key("seed", "after the crop and flip: seed (nothing more, the tutorial's), or torchvision's "
                         "trivialaugment (TrivialAugmentWide), randaugment (2 ops, magnitude 9) or autoaugment "
                         "(the ImageNet policy); host (PIL) path", ("seed", "trivialaugment", "randaugment", "autoaugment"))

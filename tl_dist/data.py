@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,32 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def balanced_order(labels: list[int], seed: int, epoch: int) -> list[int]:
+    """data.sampler=balanced: len(labels) draws with replacement, each class equally likely
+    (each image weighted 1 / its class's count), from (seed, epoch) alone: one global order."""
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    rng = random.Random(f"tl_dist:balanced:{seed}:{epoch}")
+    return rng.choices(range(len(labels)), weights=[1 / counts[y] for y in labels], k=len(labels))
+
+
+# An image drawn k times in one epoch (data.sampler=balanced) takes its k-th augmentation draws from
+# the key epoch + k x this: distinct from every real epoch (train.epochs is at most 1,000,000).
+REPEAT_STRIDE = 1 << 20
+
+
+def draw_epochs(order: list[int], epoch: int) -> list[int]:
+    """The augmentation key of each position: the epoch, moved on for a repeat of an earlier image."""
+    seen: dict[int, int] = {}
+    keys = []
+    for i in order:
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        keys.append(epoch + k * REPEAT_STRIDE)
+    return keys
+
+
 class TrainBatchSampler:
     """Global batches of batch_size * world samples in (seed, epoch) order; this rank's slice of each.
 
@@ -147,8 +174,10 @@ class TrainBatchSampler:
     the number of real samples in a global step.
     """
 
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, shuffle: bool = True,
+                 balanced_labels: list[int] | None = None):
         self.n, self.bs, self.world, self.rank, self.seed, self.shuffle = n, batch_size, world, rank, seed, shuffle
+        self.labels = balanced_labels  # data.sampler=balanced: draw classes equally often
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -162,16 +191,21 @@ class TrainBatchSampler:
         return min(g, self.n - step * g)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, float]]]:
-        order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else list(range(self.n))
+        if self.labels is not None:
+            order = balanced_order(self.labels, self.seed, self.epoch)
+        else:
+            order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else list(range(self.n))
+        slots = list(zip(order, draw_epochs(order, self.epoch)))  # (image, its augmentation key)
         g = self.bs * self.world
         for step in range(len(self)):
-            chunk = order[step * g:(step + 1) * g]
+            chunk = slots[step * g:(step + 1) * g]
             mine = chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
-            keys = [(i, self.epoch, 1.0) for i in mine]
+            keys = [(i, e, 1.0) for i, e in mine]
             # At least 2 per step: BatchNorm in train mode cannot normalise a single 1x1 feature map.
             pool = mine or chunk
             while len(keys) < 2:
-                keys.append((pool[len(keys) % len(pool)], self.epoch, 0.0))
+                i, e = pool[len(keys) % len(pool)]
+                keys.append((i, e, 0.0))
             yield keys
 
 
@@ -261,7 +295,8 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     if place != "none":
         # The val transform is deterministic, so its cache holds finished uint8 crops (small).
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
-    sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed)
+    sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed,
+                                balanced_labels=[y for _, y in train] if cfg.sampler == "balanced" else None)
     eval_sampler = EvalBatchSampler(len(val), cfg.eval_batch_size or 8 * cfg.batch_size, world, rank)
     if place == "device":
         train_labels, val_labels = [label for _, label in train], [label for _, label in val]
