@@ -121,10 +121,13 @@ def test_without_the_export_extra_onnx_says_what_to_install(run, tmp_path, monke
 
 
 def test_bad_usage_is_one_line_and_files_that_are_not_exports_are_refused(run, tiny_data, tmp_path, capsys):
+    (tmp_path / "m.onnx").write_bytes(b"an export")
     for args, words in (([str(run), "--format", "onnx", "--out", str(tmp_path / "m.pt")], "onnx files end in .onnx"),
                         ([str(run), "--out", str(tmp_path / "no" / "m.onnx")], "does not exist"),
                         ([str(tmp_path / "missing")], "not found"),
-                        ([str(run), "--images", str(tmp_path)], "no image files")):
+                        ([str(run), "--images", str(tmp_path)], "no image files"),
+                        ([str(run / "best.json")], "not a tl_dist checkpoint"),
+                        ([str(tmp_path / "m.onnx")], "is already an exported file")):
         assert export.main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int
 
 
 def _export(args) -> int:
-    from .exported import SUFFIXES, missing_onnx_packages
+    from .exported import SUFFIXES, format_of, missing_onnx_packages
 
     fmt = args.format
     if fmt == "onnx" and missing_onnx_packages():
@@ -145,6 +145,9 @@ def _export(args) -> int:
     from . import checkpoint
 
     ckpt = checkpoint.resolve(args.checkpoint)
+    if format_of(ckpt) is not None:
+        raise UserError(f"export: {ckpt} is already an exported file; export from the run directory or its "
+                        f"best.safetensors")
     out = Path(args.out).expanduser() if args.out else ckpt.parent / f"model{SUFFIXES[fmt]}"
     if out.suffix.lower() != SUFFIXES[fmt]:
         raise UserError(f"export: --out {out}: {fmt} files end in {SUFFIXES[fmt]} (predict tells the "
