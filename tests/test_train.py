@@ -32,8 +32,9 @@ def test_run_directory_and_metadata(finetune_run, tiny_data):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all(r["train_samples"] == 22 and r["val_samples"] == 13 for r in rows)
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "backbone_lr", "seconds",
-                            "train_samples", "val_samples", "train_seconds", "val_seconds", "peak_host_mb"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "macro_f1", "lr", "backbone_lr",
+                            "seconds", "train_samples", "val_samples", "train_seconds", "val_seconds", "peak_host_mb"}
+    assert all(0 <= r["macro_f1"] <= 1 for r in rows)
     best = json.loads((out / "best.json").read_text())
     top = max(r["val_acc"] for r in rows)
     assert best["val_acc"] == top and best["epoch"] == next(r["epoch"] for r in rows if r["val_acc"] == top)
