@@ -90,6 +90,11 @@ def latency_ms(fn, x, most: int = 20) -> float:
     return statistics.median(times)
 
 
+def sidecar(out: Path) -> Path:
+    """FILE.json beside an exported FILE (model.onnx -> model.onnx.json: formats never share one)."""
+    return out.with_name(out.name + ".json")
+
+
 def move_into_place(tmp: Path, out: Path) -> list[Path]:
     """The files of ``tmp`` into out's folder: data files first, the model file last, each by rename."""
     from .checkpoint import _fsync_dir
@@ -163,6 +168,7 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
     import torch
 
     from . import __version__
+    from .checkpoint import atomic_write_text
     from .exported import FORMAT, Deployable, ExportedModel, as_input, input_spec
     from .predict import Predictor
 
@@ -217,9 +223,7 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
         placed = move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint_json = out.with_name(out.name + ".json")
-    from .checkpoint import atomic_write_text
-    atomic_write_text(checkpoint_json, json.dumps(desc, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(sidecar(out), json.dumps(desc, indent=2, allow_nan=False) + "\n")
     report(ckpt, out, placed, fmt, desc, seconds, timings)
     return 0
 
@@ -259,7 +263,7 @@ def report(ckpt: Path, out: Path, placed: list[Path], fmt: str, desc: dict, seco
     print(f"  eager                   {ms(timings['1']['eager'])} {ms(timings['32']['eager'])}")
     print(f"  {fmt:<22}  {ms(timings['1']['exported'])} {ms(timings['32']['exported'])}"
           + ("" if timings["32"]["exported"] is not None else "   (batch 1 only: --dynamic-batch for more)"))
-    print(f"description: {printable(str(out.with_name(out.name + '.json')))} (also inside the file); "
+    print(f"description: {printable(str(sidecar(out)))} (also inside the file); "
           f"predict with: tl-dist predict IMAGE --checkpoint {printable(str(out))}")
 
 

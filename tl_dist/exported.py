@@ -145,11 +145,7 @@ def _load_torchscript(path: Path, device: str):
             module = torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as e:
         raise UserError(f"exported model: {path} could not be loaded by torch.jit.load: {first_line(e)}") from None
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x.to(device)).float().cpu()
-    return desc, run
+    return desc, _torch_runner(module, device)
 
 
 def _load_program(path: Path, device: str):
@@ -158,11 +154,14 @@ def _load_program(path: Path, device: str):
         module = torch.export.load(str(path)).module().to(device)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"exported model: {path} could not be loaded by torch.export.load: {first_line(e)}") from None
+    return desc, _torch_runner(module, device)
 
+
+def _torch_runner(module, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module(x.to(device)).float().cpu()
-    return desc, run
+    return run
 
 
 def _load_onnx(path: Path, device: str):

@@ -440,10 +440,9 @@ def record_and_save(run: Run, writer: checkpoint.BackgroundWriter, row: dict, va
     # CPU copies, taken now: kept as the best, and written while the next epoch trains. The
     # average (train.ema_decay) is what was evaluated, so it is what best and last hold.
     keep = is_best or acc.is_main_process
-    weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict()) if acc.is_main_process else None
+    weights = (checkpoint.snapshot(acc.unwrap_model(run.net).state_dict())
+               if acc.is_main_process or (is_best and run.ema is None) else None)
     ema = checkpoint.snapshot(run.ema.state_dict()) if run.ema and keep else None
-    if run.ema is None and is_best and weights is None:
-        weights = checkpoint.snapshot(acc.unwrap_model(run.net).state_dict())
     state.record(row, score, va.confusion, weights, ema)
     state.ema_updates = run.ema.updates if run.ema else 0
     rngs = gather_objects(acc, rng_state())
