@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError, first_few, one_line, printable
+from .predict import TRUST_HELP
 
 ECE_BINS = 15
 
@@ -101,11 +102,51 @@ def reliability_bins(logits, labels) -> list[dict]:
 
 # ----------------------------------------------------------------------------- data
 
-def find_split(data_dir: Path, split: str) -> Path:
-    """DATA_DIR/<split> if it is there, else DATA_DIR itself (a split folder of class folders)."""
+def find_split(data_dir: Path, split: str | None) -> Path:
+    """DATA_DIR/<split>; without --split, DATA_DIR/test if it is there, else DATA_DIR itself (a split
+    folder of class folders)."""
     if not data_dir.is_dir():
         raise UserError(f"evaluate: data folder not found: {data_dir}")
-    return data_dir / split if (data_dir / split).is_dir() else data_dir
+    if split is None:
+        return data_dir / "test" if (data_dir / "test").is_dir() else data_dir
+    if not (data_dir / split).is_dir():
+        there = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise UserError(f"evaluate: --split {split}: no folder {data_dir / split}; {data_dir} holds "
+                        f"{first_few(there, 8) if there else 'no folders'}")
+    return data_dir / split
+
+
+OUTPUTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "reliability.png", "top_losses.png")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """--out can take the results, and holds nothing they would replace that evaluate did not write."""
+    from .outputs import check_writable, refuse_foreign
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"evaluate: --out {out} is a file; give a folder (new, or one an earlier evaluate wrote)")
+    check_writable(out, "evaluate", "--out")
+    earlier = _is_metrics(out / "metrics.json")  # an earlier evaluation's folder: its pictures are ours
+
+    def ours(p: Path) -> bool:
+        if p.name == "metrics.json":
+            return earlier
+        if p.name == "predictions.csv":
+            try:
+                with open(p, encoding="utf-8") as f:
+                    return f.readline().startswith("path,true,predicted")
+            except (OSError, UnicodeDecodeError):
+                return False
+        return earlier
+    refuse_foreign([out / name for name in OUTPUTS], ours, "evaluate", force)
+
+
+def _is_metrics(path: Path) -> bool:
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and {"checkpoint", "n", "accuracy", "confusion_matrix"} <= set(m)
 
 
 def list_labelled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -115,8 +156,10 @@ def list_labelled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     found, samples = list_split(folder.parent, folder.name)
     unknown = [c for c in found if c not in classes]
     if unknown:
+        splits = [c for c in unknown if c.lower() in ("train", "val", "valid", "validation", "test")]
+        hint = f"; {folder} looks like a data root: pass --split {splits[0]} (or another)" if splits else ""
         raise UserError(f"evaluate: class folder(s) under {folder} the checkpoint does not know: "
-                        f"{first_few(unknown, 5)}; its classes: {first_few(classes, 10)}")
+                        f"{first_few(unknown, 5)}; its classes: {first_few(classes, 10)}{hint}")
     index = {c: classes.index(c) for c in found}
     return [(path, index[found[ci]]) for path, ci in samples]
 
@@ -133,24 +176,30 @@ def shard(n: int, batch: int, world: int, rank: int) -> range:
 
 def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bool, channels_last: bool):
     """(logits, mirrored-image logits or None) for ``paths[indices]``, batch by batch, in the memory
-    format the run evaluated in (other convolution kernels would change the last bits)."""
+    format the run evaluated in (other convolution kernels would change the last bits). An exported
+    file runs in its own runtime, on the same images."""
     import torch
 
     from .augment import normalize
 
-    if channels_last:
+    if channels_last and predictor.exported is None:
         predictor.model.to(memory_format=torch.channels_last)
+
+    def forward(images):
+        if predictor.exported is not None:
+            return predictor.exported(images)
+        x = normalize(images.to(predictor.device), predictor.meta["mean"], predictor.meta["std"],
+                      channels_last=channels_last)
+        with torch.inference_mode():
+            return predictor.model(x).float().cpu()
 
     plain, mirrored = [], []
     with ThreadPoolExecutor(8) as pool:
         for s in range(indices.start, indices.stop, batch):
-            chunk = list(pool.map(predictor._tensor, paths[s:min(s + batch, indices.stop)]))
-            x = normalize(torch.stack(chunk).to(predictor.device), predictor.meta["mean"], predictor.meta["std"],
-                          channels_last=channels_last)
-            with torch.inference_mode():
-                plain.append(predictor.model(x).float().cpu())
-                if flip:
-                    mirrored.append(predictor.model(x.flip(-1)).float().cpu())
+            images = torch.stack(list(pool.map(predictor._tensor, paths[s:min(s + batch, indices.stop)])))
+            plain.append(forward(images))
+            if flip:
+                mirrored.append(forward(images.flip(-1)))
     empty = torch.zeros(0, len(predictor.classes))
     return (torch.cat(plain) if plain else empty), ((torch.cat(mirrored) if mirrored else empty) if flip else None)
 
@@ -223,9 +272,13 @@ def summary(metrics: dict, tta: dict | None, out: Path) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Measure a checkpoint on a labelled ImageFolder split.")
     p.add_argument("data_dir", help="a split folder (class sub-folders) or a root holding --split")
-    p.add_argument("--checkpoint", "-c", required=True, help="run directory (its best.safetensors) or a .safetensors")
-    p.add_argument("--split", default="test", help="sub-folder of DATA_DIR to use when it has one (default test)")
+    p.add_argument("--checkpoint", "-c", required=True, help="run directory (its best.safetensors), a .safetensors, "
+                   "or a file from tl-dist export (.onnx; .pt / .pt2 with --trust-code)")
+    p.add_argument("--split", help="sub-folder of DATA_DIR to use (default: test when DATA_DIR has one, else "
+                   "DATA_DIR itself)")
     p.add_argument("--out", help="folder for the results (default RUN/eval_<split folder name>)")
+    p.add_argument("--force", action="store_true", help="replace files in --out that an earlier evaluate did not write")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
     p.add_argument("--tta", choices=["flip"], help="also score the mean logits of each image and its mirror")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval batch)")
@@ -245,15 +298,19 @@ def _evaluate(args) -> int:
 
     from . import checkpoint, distributed
     from .config import ModelConfig
+    from .exported import format_of
     from .images import scan_files
     from .model import uses_channels_last
     from .predict import Predictor
 
-    ckpt = checkpoint.resolve(args.checkpoint)
+    ckpt = Path(args.checkpoint).expanduser() if format_of(args.checkpoint) else checkpoint.resolve(args.checkpoint)
     folder = find_split(Path(args.data_dir).expanduser(), args.split)
+    out = Path(args.out).expanduser() if args.out else ckpt.parent / f"eval_{folder.name}"
+    check_out(out, args.force)  # before any work: a place that cannot take the results fails now
     acc = distributed.plain_accelerator(cuda=args.device != "cpu" and torch.cuda.is_available())
     device = "cuda" if acc.device.type == "cuda" else "cpu"
-    predictor = Predictor.from_checkpoint(ckpt, device=str(acc.device) if device == "cuda" else "cpu")
+    predictor = Predictor.from_checkpoint(ckpt, device=str(acc.device) if device == "cuda" else "cpu",
+                                          trust_code=args.trust_code)
     classes = predictor.classes
     samples = list_labelled(folder, classes)
     report = distributed.on_main_then_share(acc, lambda: scan_files([s for s, _ in samples]))
@@ -285,7 +342,6 @@ def _evaluate(args) -> int:
     if args.tta:
         tta = classification_metrics((logits + torch.cat([b for _, b in parts])) / 2, labels, classes, batch)
         tta.pop("per_class")
-    out = Path(args.out) if args.out else ckpt.parent / f"eval_{folder.name}"
     write_outputs(out, metrics, paths, labels, logits, classes, predictor, tta)
     if args.json:
         print(json.dumps({**metrics, **({"tta_flip": tta} if tta else {})}, allow_nan=False))

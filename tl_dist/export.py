@@ -9,13 +9,21 @@ onnxruntime) and its logits on real images (the checkpoint's eval transform of -
 run's val folder) must match the eager model's within 1e-4; then it is moved into place, so a failed
 export leaves nothing behind and an existing file is replaced whole. Prints the largest difference
 and the CPU latency at batch 1 and 32, exported against eager.
+
+It replaces only an earlier export (a file carrying tl_dist's description) unless ``--force``, never
+a run's own files (``resume.pt``); the place is checked before any work. The file is serialised in
+memory and written by Python, so a full disk is one line, not an abort inside torch's C++ writer;
+SIGINT / SIGTERM end it with one line and no temporary folder, and a folder that a killed export
+left is removed by the next export to the same place.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -61,13 +69,16 @@ def export_to(module, example, fmt: str, path: Path, dynamic: bool, description:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():  # torch's deprecation and tracer notes are for its developers
         warnings.simplefilter("ignore")
+        # The torch formats into memory, then onto the disk by Python: torch's C++ file writer aborts
+        # the process on a full disk instead of raising.
+        buf = io.BytesIO()
         if fmt == "torchscript":
             with torch.inference_mode():
                 traced = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.save(traced, str(path), _extra_files={"tl_dist.json": description})
+            torch.jit.save(traced, buf, _extra_files={"tl_dist.json": description})
         elif fmt == "exported":
             program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}} if dynamic else None)
-            torch.export.save(program, str(path), extra_files={"tl_dist.json": description})
+            torch.export.save(program, buf, extra_files={"tl_dist.json": description})
         else:
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET,
                                         input_names=["images"], output_names=["logits"],
@@ -75,6 +86,23 @@ def export_to(module, example, fmt: str, path: Path, dynamic: bool, description:
             program.model.metadata_props["tl_dist.json"] = description
             n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
             program.save(str(path), external_data=n_bytes > 1_800_000_000)  # protobuf's 2 GB limit
+            return
+    write_file(path, buf.getbuffer())
+
+
+class WriteFailed(Exception):
+    """Writing the exported file failed (a full disk, a quota): the message names the file."""
+
+
+def write_file(path: Path, data) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteFailed(f"export: writing {path.name} into {path.parent.parent} failed: {e.strerror}; nothing "
+                          f"written (free space, or choose another --out)") from None
 
 
 def latency_ms(fn, x, most: int = 20) -> float:
@@ -95,11 +123,16 @@ def sidecar(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def move_into_place(tmp: Path, out: Path) -> list[Path]:
-    """The files of ``tmp`` into out's folder: data files first, the model file last, each by rename."""
+def move_into_place(tmp: Path, out: Path, force: bool) -> list[Path]:
+    """The files of ``tmp`` into out's folder: data files first, the model file last, each by rename.
+    A data file (ONNX's external weights) replaces only one an earlier export at ``out`` wrote."""
     from .checkpoint import _fsync_dir
+    from .outputs import refuse_foreign
 
     files = sorted(tmp.iterdir(), key=lambda p: p.name == out.name)
+    earlier_export = out.exists()  # (checked to be tl_dist's before any work)
+    refuse_foreign([out.parent / f.name for f in files if f.name != out.name], lambda p: earlier_export,
+                   "export", force)
     placed = []
     for f in files:
         dest = out.parent / f.name
@@ -107,6 +140,28 @@ def move_into_place(tmp: Path, out: Path) -> list[Path]:
         placed.append(dest)
     _fsync_dir(out.parent)
     return placed
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a file tl-dist export wrote (it carries tl_dist's description)."""
+    from .exported import FORMAT, format_of, onnx_description, _zip_description
+
+    try:
+        if format_of(path) == "onnx":
+            return onnx_description(path) is not None
+        return _zip_description(path).get("format") == FORMAT
+    except UserError:
+        return False
+
+
+def is_export_sidecar(path: Path) -> bool:
+    from .exported import FORMAT
+
+    try:
+        desc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(desc, dict) and desc.get("format") == FORMAT
 
 
 def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
@@ -125,19 +180,43 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
                    help="what the model takes: float32 in [0, 1] (default) or uint8 0..255; NCHW RGB either way")
     p.add_argument("--images", nargs="+", metavar="PATH",
                    help="images (files or folders) for the self-check; default the run's val folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out (and FILE.json) even if they are not an earlier export; a run's own files "
+                        "(resume.pt) are never replaced")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv), prog)
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return _export(args)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except ExportFailed as e:
+    except (ExportFailed, WriteFailed) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, ExportFailed) else 2
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        done = (f"the export was already in place ({printable(str(args.placed))})" if getattr(args, "placed", None)
+                else "nothing written (an earlier file is as it was)")
+        print(f"export: stopped by {signal.Signals(signum).name}; {done}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Stopped(BaseException):
+    """SIGTERM during an export: unwinds like Ctrl-C (past the exporters' own error handling), so the
+    temporary folder goes."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _export(args) -> int:
@@ -161,6 +240,15 @@ def _export(args) -> int:
         raise UserError(f"export: --out {out}: folder {out.parent} does not exist")
     if out.is_dir():
         raise UserError(f"export: --out {out} is a folder; give a file name")
+    from .checkpoint import RUN_FILES
+    from .outputs import check_writable, refuse_foreign
+
+    if out.name in {f.rstrip(".") for f in RUN_FILES}:
+        raise UserError(f"export: --out {out}: {out.name} is a file training writes (a run's own); it is never an "
+                        f"export target, even with --force: choose another name")
+    check_writable(out.parent, "export", "--out folder")
+    refuse_foreign([out], is_export, "export", args.force)
+    refuse_foreign([sidecar(out)], is_export_sidecar, "export", args.force)
     return run_export(ckpt, out, fmt, args)
 
 
@@ -198,15 +286,26 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
                             "torch": torch.__version__}
     example = as_input(real[:2] if dynamic else real[:1], spec)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    from .outputs import remove_stale_temp_dirs
+
+    remove_stale_temp_dirs(out.parent, out.name)
+    try:  # the pid in the name tells the next export whether its maker is gone
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"export: cannot write in {out.parent} ({e.strerror}); choose a writable --out") from None
     try:
         started = time.perf_counter()
         try:
             export_to(eager, example, fmt, tmp / out.name, dynamic, json.dumps(desc, allow_nan=False))
+        except WriteFailed:
+            raise
+        except OSError as e:  # ONNX's own writer: a full disk is said, not taken for an exporter bug
+            raise WriteFailed(f"export: writing {out.name} into {out.parent} failed: {e.strerror}; nothing "
+                              f"written (free space, or choose another --out)") from None
         except Exception as e:  # the exporters raise many types; the model is not the user's mistake
             raise ExportFailed(f"export: {fmt} could not export {meta['arch']}: {first_line(e)}") from None
         seconds = time.perf_counter() - started
-        loaded = ExportedModel.load(tmp / out.name)
+        loaded = ExportedModel.load(tmp / out.name, trust_code=True)  # written by this process a moment ago
         x = as_input(real, spec)
         with torch.inference_mode():
             want = eager(x)
@@ -220,10 +319,18 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
         timings = measure(eager, loaded, spec, size, dynamic)
         desc["check"] = {"max_abs_logit_diff": diff, "tolerance": TOLERANCE, "images": len(x), "on": where}
         desc["cpu_latency_ms"] = timings
-        placed = move_into_place(tmp, out)
+        # The model and its description land together: no signal between the renames
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            placed = move_into_place(tmp, out, args.force)
+            atomic_write_text(sidecar(out), json.dumps(desc, indent=2, allow_nan=False) + "\n")
+            args.placed = out
+        except OSError as e:
+            raise WriteFailed(f"export: putting {out.name} into {out.parent} failed: {e.strerror}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(sidecar(out), json.dumps(desc, indent=2, allow_nan=False) + "\n")
     report(ckpt, out, placed, fmt, desc, seconds, timings)
     return 0
 
@@ -247,6 +354,8 @@ def measure(eager, loaded, spec: dict, size: int, dynamic: bool) -> dict[str, di
 
 
 def report(ckpt: Path, out: Path, placed: list[Path], fmt: str, desc: dict, seconds: float, timings: dict) -> None:
+    from .exported import PROGRAMS
+
     spec, check = desc["input"], desc["check"]
     mb = sum(p.stat().st_size for p in placed) / 1e6
     rng = "[0, 1]" if spec["dtype"] == "float32" else "0..255"
@@ -264,7 +373,8 @@ def report(ckpt: Path, out: Path, placed: list[Path], fmt: str, desc: dict, seco
     print(f"  {fmt:<22}  {ms(timings['1']['exported'])} {ms(timings['32']['exported'])}"
           + ("" if timings["32"]["exported"] is not None else "   (batch 1 only: --dynamic-batch for more)"))
     print(f"description: {printable(str(sidecar(out)))} (also inside the file); "
-          f"predict with: tl-dist predict IMAGE --checkpoint {printable(str(out))}")
+          f"predict with: tl-dist predict IMAGE --checkpoint {printable(str(out))}"
+          + (" --trust-code (a program: see tl-dist predict --help)" if fmt in PROGRAMS else ""))
 
 
 if __name__ == "__main__":

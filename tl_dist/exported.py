@@ -7,12 +7,18 @@ takes float32 in [0, 1] (what ``ToTensor`` gives) or, exported with ``--input ui
 ``tl_dist.json`` (TorchScript and ``torch.export`` archives' extra files, ONNX metadata_props), and
 beside it as ``FILE.json`` for other runtimes' users.
 
-Loading: an ONNX file is a protobuf (runs in onnxruntime); TorchScript and ``torch.export`` files
-are programs for torch's own interpreters, not pickles, and are opened only when they carry a
-tl_dist description (so ``resume.pt`` or an arbitrary torch file is refused before it is read).
+Loading: an ONNX file is data (a protobuf of operators that onnxruntime runs; external data files
+are refused). TorchScript and ``torch.export`` files are programs: a TorchScript file's code can call
+any operator (write files with ``torch.from_file``), and ``torch.export.load`` unpickles whatever an
+archive marks as pickled. So they are opened only with ``trust_code=True`` (``--trust-code``), the
+user's word that the file comes from someone they trust, and only when they carry a tl_dist
+description (so ``resume.pt`` or an arbitrary torch file is refused before it is read). Even then a
+``.pt2`` whose weights, constants or example inputs are pickles is refused before torch reads it:
+tl-dist export never writes those, so they can only have been put there by hand.
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 import zipfile
@@ -22,12 +28,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, printable
 
 FORMAT = "tl_dist-export/1"
 META_NAME = "tl_dist.json"
 # format name -> file suffix
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "exported": ".pt2"}
+# the formats whose files are programs: loading one runs what is inside it
+PROGRAMS = {"torchscript": "a TorchScript program", "exported": "a torch.export program"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -75,6 +83,8 @@ def _description(raw: Any, path: Path) -> dict[str, Any]:
 
     try:
         desc = json.loads(raw)
+    except RecursionError:
+        raise UserError(f"exported model: {path}: its tl_dist description is nested too deeply to be one") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"exported model: {path}: its tl_dist description is not JSON: {e}") from None
     problem = "not a JSON object" if not isinstance(desc, dict) else (
@@ -124,7 +134,8 @@ class ExportedModel:
         return self._run(x)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "ExportedModel":
+    def load(cls, path: str | Path, device: str = "cpu", trust_code: bool = False) -> "ExportedModel":
+        """The file, checked: its description, its trust rule (see the module), its output width."""
         path = Path(path).expanduser()
         fmt = format_of(path)
         if fmt is None:
@@ -132,9 +143,31 @@ class ExportedModel:
                             f"{', '.join(SUFFIXES.values())}")
         if not path.is_file():
             raise UserError(f"exported model: file not found: {path}")
+        if fmt in PROGRAMS and not trust_code:
+            _zip_description(path)  # a torch file that is not an export at all is told so first
+            raise UserError(f"exported model: {path} is {PROGRAMS[fmt]}: loading it runs the code inside it. Pass "
+                            f"--trust-code only if you trust where the file came from (or use the .onnx export, "
+                            f"which runs no code of its own: tl-dist export RUN --format onnx)")
         loader = {"torchscript": _load_torchscript, "exported": _load_program, "onnx": _load_onnx}[fmt]
         desc, run = loader(path, device)
-        return cls(path, fmt, desc, run, device)
+        model = cls(path, fmt, desc, run, device)
+        model._check_width()
+        return model
+
+    def _check_width(self) -> None:
+        """One blank image through the file: its logits must be one per class of its description
+        (a mismatch would name the wrong class, or fail at the first real image)."""
+        size = self.meta["image_size"]
+        try:
+            out = self(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+        except Exception as e:  # each runtime raises its own types; the file is what is wrong
+            raise UserError(f"exported model: {self.path} does not run on its own input spec "
+                            f"(1x3x{size}x{size} {self.meta['input']['dtype']}): {first_line(e)}") from None
+        n = len(self.meta["classes"])
+        if out.ndim != 2 or out.shape[1] != n:
+            raise UserError(f"exported model: {self.path}: its description lists {n} classes but the model gives "
+                            f"{tuple(out.shape)} outputs per image; the file and its description do not belong "
+                            f"together (export again with tl-dist export)")
 
 
 def _load_torchscript(path: Path, device: str):
@@ -148,8 +181,44 @@ def _load_torchscript(path: Path, device: str):
     return desc, _torch_runner(module, device)
 
 
+def pickled_parts(path: Path) -> list[str]:
+    """The members of a ``.pt2`` archive that ``torch.export.load`` would unpickle: weights or
+    constants marked ``use_pickle``, custom or opaque objects, legacy pickled weight files, and
+    example inputs that ``torch.load(weights_only=True)`` refuses (torch retries those unrestricted)."""
+    found: list[str] = []
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name.endswith(("_weights_config.json", "_constants_config.json")):
+                try:
+                    config = json.loads(z.read(name)).get("config", {})
+                except (ValueError, RecursionError, AttributeError):
+                    found.append(f"{name} (not readable as torch writes it)")
+                    continue
+                for fqn, entry in (config.items() if isinstance(config, dict) else []):
+                    member = entry.get("path_name", "") if isinstance(entry, dict) else ""
+                    if not isinstance(entry, dict) or entry.get("use_pickle") is not False \
+                            or not str(member).startswith(("weight_", "tensor_")):
+                        found.append(f"{fqn} ({name.rsplit('/', 1)[-1]})")
+            elif "/data/weights/" in name and name.endswith(".pt") or "/data/constants/" in name and name.endswith(".pt"):
+                found.append(name)  # the legacy layout: the whole state dict as one pickle
+            elif "/data/sample_inputs/" in name:
+                try:
+                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                except Exception:  # whatever weights_only refuses, torch.export.load would unpickle
+                    found.append(name)
+    return found
+
+
 def _load_program(path: Path, device: str):
     desc = _zip_description(path)
+    try:
+        pickled = pickled_parts(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"exported model: {path} is damaged or not a torch archive: {e}") from None
+    if pickled:
+        raise UserError(f"exported model: {path} holds pickled parts ({'; '.join(pickled[:3])}"
+                        f"{'; ...' if len(pickled) > 3 else ''}), which would run code when loaded; tl-dist export "
+                        f"never writes these, so the file was changed after export. Refused even with --trust-code")
     try:
         module = torch.export.load(str(path)).module().to(device)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -164,6 +233,45 @@ def _torch_runner(module, device: str) -> Callable[[torch.Tensor], torch.Tensor]
     return run
 
 
+def external_data_outside(proto) -> str | None:
+    """The first external-data location of an ONNX model that is not a plain file name beside it
+    (a path, ``..``): such a model would read any file it names into its weights."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != onnx_external():
+            continue
+        where = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not where or where != Path(where).name or where in (".", "..") or "\\" in where:
+            return where or "(no location)"
+    return None
+
+
+def onnx_external() -> int:
+    import onnx
+
+    return onnx.TensorProto.EXTERNAL
+
+
+def _onnx_proto(path: Path):
+    """(the ONNX model without its weights, its tl_dist description or None)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)  # the description only; ORT reads the weights
+    except Exception as e:  # onnx raises DecodeError and friends from protobuf
+        raise UserError(f"exported model: {path} is damaged or not an ONNX file: {first_line(e)}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    return proto, (_description(props[META_NAME], path) if META_NAME in props else None)
+
+
+def onnx_description(path: Path) -> dict[str, Any] | None:
+    """The tl_dist description of an ONNX file, None if it has none (needs the onnx package)."""
+    if "onnx" in missing_onnx_packages():
+        raise UserError(f"exported model: {path}: reading ONNX files needs onnx: pip install 'tl_dist[export]'")
+    return _onnx_proto(path)[1]
+
+
 def _load_onnx(path: Path, device: str):
     missing = missing_onnx_packages()
     if "onnx" in missing or "onnxruntime" in missing:
@@ -172,14 +280,13 @@ def _load_onnx(path: Path, device: str):
     import onnx
     import onnxruntime as ort
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)  # the description only; ORT reads the weights
-    except Exception as e:  # onnx raises DecodeError and friends from protobuf
-        raise UserError(f"exported model: {path} is damaged or not an ONNX file: {first_line(e)}") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    if META_NAME not in props:
+    proto, desc = _onnx_proto(path)
+    if desc is None:
         raise UserError(f"exported model: {path} has no tl_dist description (not written by tl-dist export)")
-    desc = _description(props[META_NAME], path)
+    far = external_data_outside(proto)
+    if far:
+        raise UserError(f"exported model: {path} reads its weights from {printable(far)}, outside its own folder; "
+                        f"tl-dist export writes weight files beside the model only. Refused")
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -4,7 +4,9 @@
 
 Needs nothing but the checkpoint: no config file, no training code paths, no torch.distributed.
 The checkpoint may also be a file from ``tl-dist export`` (.onnx, .pt, .pt2), run in its own runtime
-with the same output. Nothing is unpickled. Exit codes: 0 all predicted, 1 some images failed, 2 bad usage or checkpoint.
+with the same output. Nothing is unpickled. A .onnx file is data; .pt and .pt2 files are programs, run
+only with ``--trust-code`` (see ``exported``). Exit codes: 0 all predicted, 1 some images failed, 2 bad
+usage or checkpoint.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from typing import Iterable, Sequence
 from .errors import UserError, drop_stdout, first_line, one_line, printable
 
 DEFAULT_RUNS = Path("runs")
+TRUST_HELP = ("run a TorchScript (.pt) or torch.export (.pt2) file: these are programs, and loading one runs the "
+              "code inside it, so only for files from a source you trust. Without it they are refused; checkpoints "
+              "and .onnx files are data and need no trust. A .pt2 with pickled parts is refused even so")
 
 
 # torch and the model code are imported where they are used, so that --help and usage errors
@@ -33,8 +38,10 @@ class Predictor:
         self.classes: list[str] = meta["classes"]
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
-        """A run directory, a .safetensors checkpoint, or an exported .onnx / .pt / .pt2 file."""
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", trust_code: bool = False) -> "Predictor":
+        """A run directory, a .safetensors checkpoint, or an exported .onnx / .pt / .pt2 file
+        (.pt / .pt2 are programs: only with ``trust_code=True``, the caller's word that it trusts
+        the file's source)."""
         import torch
 
         from . import checkpoint
@@ -46,7 +53,7 @@ class Predictor:
         elif device == "cuda" and not torch.cuda.is_available():
             raise UserError("predict: --device cuda but no CUDA device is available; use --device cpu")
         if format_of(path) is not None:
-            exported = ExportedModel.load(path, device)
+            exported = ExportedModel.load(path, device, trust_code=trust_code)
             return cls(None, exported.meta, device, exported)
         state, meta = checkpoint.load_weights(checkpoint.resolve(path))  # metadata checked there
         model = create(meta["arch"], meta["num_classes"], meta.get("arch_kwargs", {}))
@@ -185,6 +192,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predic
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--save-plot", metavar="FILE.png", help="draw the images with their predicted class")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     return p.parse_args(argv)
 
 
@@ -204,7 +212,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         paths = expand(args.images)
         if not paths:
             raise UserError(f"predict: no image files found in {' '.join(args.images)}")
-        predictor = Predictor.from_checkpoint(ckpt, device=args.device)
+        predictor = Predictor.from_checkpoint(ckpt, device=args.device, trust_code=args.trust_code)
         k = min(args.topk or 3, len(predictor.classes))
         results = predictor.predict(paths, topk=k, batch_size=args.batch_size)
         failed = [r for r in results if "error" in r]
