@@ -95,3 +95,52 @@ def test_two_processes_write_the_same_metrics_as_one(trained, tmp_path):
     a, b = ((tmp_path / n / "metrics.json").read_text() for n in ("one", "two"))
     assert a == b and json.loads(a)["n"] == 17
     assert (tmp_path / "one" / "predictions.csv").read_text() == (tmp_path / "two" / "predictions.csv").read_text()
+
+
+@pytest.mark.e2e
+def test_the_output_place_is_checked_before_any_work_and_user_files_are_kept(trained, tmp_path):
+    data, run = trained
+    args = ("-m", "tl_dist", "evaluate", str(data), "--split", "val", "--checkpoint", str(run))
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text('{"my": "numbers"}')
+    for out, words in ((a_file, "is a file"), (tmp_path / "/proc/ev", "cannot write in /proc"),
+                       (mine, "metrics.json exists and was not written by tl_dist")):
+        r = run_cli(*args, "--out", str(out))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+        assert "images:" not in r.stdout  # refused before the evaluation, not after it
+    assert a_file.read_text() == "mine" and (mine / "metrics.json").read_text() == '{"my": "numbers"}'
+    assert run_cli(*args, "--out", str(mine), "--force").returncode == 0
+    assert json.loads((mine / "metrics.json").read_text())["n"] == 17
+    assert run_cli(*args, "--out", str(mine)).returncode == 0  # its own files: replaced without a word
+    r = run_cli("-m", "tl_dist", "evaluate", str(data), "--split", "nosuch", "--checkpoint", str(run))
+    assert r.returncode == 2 and "--split nosuch: no folder" in r.stderr and "train; val" in r.stderr, r.stderr
+    r = run_cli("-m", "tl_dist", "evaluate", str(data), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "pass --split train" in r.stderr, r.stderr
+
+
+@pytest.mark.e2e
+def test_a_picture_that_cannot_be_drawn_is_a_warning_not_a_failed_evaluation(trained, tmp_path, monkeypatch, capsys):
+    from tl_dist import visualize
+
+    def out_of_memory(*a, **k):
+        raise MemoryError("std::bad_alloc")
+    monkeypatch.setattr(visualize, "confusion_matrix", out_of_memory)
+    data, run = trained
+    assert evaluate.main([str(data), "--split", "val", "--checkpoint", str(run), "--out", str(tmp_path / "e")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: confusion_matrix.png could not be drawn (MemoryError" in err
+    assert (tmp_path / "e" / "metrics.json").exists() and (tmp_path / "e" / "reliability.png").exists()
+
+
+def test_the_confusion_matrix_of_thousands_of_classes_is_bounded(tmp_path):
+    from tl_dist import visualize
+
+    n = 2000
+    cm = torch.eye(n, dtype=torch.long) * 5
+    cm[7, 1500] = cm[1500, 7] = 3  # the two classes most involved in mistakes must be shown
+    visualize.confusion_matrix(cm, [f"class {i}" for i in range(n)], tmp_path / "cm.png")
+    with Image.open(tmp_path / "cm.png") as im:
+        assert im.width * im.height < 4000 * 2000

@@ -124,3 +124,57 @@ def test_ctrl_c_during_start_up_is_a_quiet_interrupt(tiny_data, tmp_path, delay)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "interrupted" in err + out and "is saved in" not in out  # no epoch was complete
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tiny_data, tmp_path, capsys):
+    precious = tmp_path / "thesis.txt"
+    precious.write_text("three years of work")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(precious)
+    assert _run(out, tiny_data, "train.epochs=1") == 2
+    assert ".lock is a symbolic link" in _one_error_line(capsys)
+    assert precious.read_text() == "three years of work" and (out / ".lock").is_symlink()
+
+
+def test_named_pipes_are_reported_never_opened(one_epoch, tiny_data, tmp_path):
+    import os
+    folder = make_images(tmp_path / "imgs", {"x": {"ants": 2}}) / "x" / "ants"
+    os.mkfifo(folder / "pipe.jpg")
+    # a pipe named on the command line, and one found inside a folder: no process waits for a writer
+    r = run_cli("-m", "tl_dist", "predict", str(folder / "pipe.jpg"), "--checkpoint", str(one_epoch), timeout=120)
+    assert r.returncode == 2 or r.returncode == 1
+    assert "pipe.jpg: not a regular file (a named pipe (FIFO))" in r.stderr, r.stderr
+    r = run_cli("-m", "tl_dist", "predict", str(folder), "--checkpoint", str(one_epoch), "--json", timeout=120)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 1 and len(rows) == 3 and sum("error" in row for row in rows) == 1
+    r = run_cli("-m", "tl_dist", "export", str(one_epoch), "--format", "torchscript", "--out",
+                str(tmp_path / "m.pt"), "--images", str(folder / "pipe.jpg"), timeout=120)
+    assert r.returncode == 2 and "not a regular file" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_values_that_would_run_without_bound_are_refused_in_one_line(tiny_data, tmp_path):
+    for args, words in ((["train", str(ROOT / "configs" / "demo.yaml"), "train.mixup_alpha=1e308"],
+                         "train.mixup_alpha"),
+                        (["train", str(ROOT / "configs" / "demo.yaml"), "train.cutmix_alpha=1e6"], "up to 100"),
+                        (["lr-find", str(ROOT / "configs" / "demo.yaml"), "--steps", "1000000000000"],
+                         "--steps must be from 5 to 10000")):
+        r = run_cli("-m", "tl_dist", *args, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tiny_data, tmp_path, capsys):
+    assert _run(tmp_path / "r", tiny_data, "train.epochs=1", "scheduler.warmup_epochs=3") == 0
+    assert "warning: scheduler.warmup_epochs (3) is not shorter than train.epochs (1)" in capsys.readouterr().out
+
+
+def test_a_picture_that_cannot_be_drawn_never_fails_the_run(tiny_data, tmp_path, monkeypatch, capsys):
+    from tl_dist import visualize
+
+    def out_of_memory(*a, **k):
+        raise MemoryError("std::bad_alloc")
+    monkeypatch.setattr(visualize, "confusion_matrix", out_of_memory)
+    assert _run(tmp_path / "r", tiny_data, "train.epochs=1", "train.plots=true") == 0
+    assert "warning: confusion_matrix.png could not be drawn" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["status"] == "complete"
+    assert (tmp_path / "r" / "curves.png").exists()

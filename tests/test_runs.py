@@ -31,3 +31,41 @@ def test_runs_lists_complete_and_failed_runs_and_a_refused_start_changes_nothing
 def test_runs_on_a_missing_folder_is_one_line():
     r = run_cli("-m", "tl_dist", "runs", "/no/such/runs")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder: /no/such/runs" in r.stderr
+
+
+def test_one_bad_run_folder_is_marked_and_the_others_listed(tmp_path):
+    import os
+    root = tmp_path / "runs"
+
+    def run(name, **files):
+        d = root / name
+        d.mkdir(parents=True)
+        for f, text in files.items():
+            (d / f.replace("_", ".", 1) if f != "dot_lock" else d / ".lock").write_text(text)
+        return d
+    run("good", status_json='{"status": "complete"}', best_json='{"val_acc": 0.9, "epoch": 3}',
+        last_json='{"arch": "resnet18", "mode": "finetune", "config": {"train": {"epochs": 4}}}')
+    run("acc", status_json='{"status": "complete"}', best_json='{"val_acc": "x", "epoch": 3}')
+    run("model", status_json='{"status": "complete"}', last_json='{"config": {"model": [1, 2], "train": {}}}')
+    run("epochs", status_json='{"status": "running"}', last_json='{"config": {"train": {"epochs": "10"}}}')
+    run("pid", status_json='{"status": "running"}', dot_lock=json.dumps({"pid": 2**70, "host": os.uname().nodename}))
+    run("everyone", status_json='{"status": "running"}', dot_lock=json.dumps({"pid": -1, "host": os.uname().nodename}))
+    run("deep", status_json="[" * 100_000 + "]" * 100_000, best_json='{"val_acc": 0.5, "epoch": 0}')
+    big = run("big", status_json='{"status": "complete"}')
+    with open(big / "metrics.jsonl", "w") as f:  # 30 MB of rows: only the end is read
+        row = json.dumps({"epoch": 0, "pad": "x" * 1000})
+        for e in range(30_000):
+            f.write(row.replace('"epoch": 0', f'"epoch": {e}') + "\n")
+    r = run_cli("-m", "tl_dist", "runs", str(root), "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    rows = {x["name"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert set(rows) == {"good", "acc", "model", "epochs", "pid", "everyone", "deep", "big"}
+    assert rows["good"]["status"] == "complete" and rows["good"]["best_val_acc"] == 0.9
+    for name, words in (("acc", "best.json val_acc is 'x'"), ("model", "config model is [1, 2]"),
+                        ("epochs", "config train. epochs is '10'"), ("pid", ".lock pid is"),
+                        ("everyone", ".lock pid is -1"), ("deep", "status.json: nested too deeply")):
+        assert words in rows[name]["status"], rows[name]
+    assert not rows["everyone"]["status"].startswith("running") and rows["deep"]["best_val_acc"] == 0.5
+    assert rows["big"]["epochs_done"] == 30_000
+    table = run_cli("-m", "tl_dist", "runs", str(root))
+    assert table.returncode == 0 and "unreadable" in table.stdout, table.stderr

@@ -134,12 +134,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             if n <= 0 or n > 100_000_000:
                 raise ValueError("header size out of range")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+            raise ValueError("the header is not a safetensors header")
         raw = header.get("__metadata__", {}).get(META_KEY)
         if raw is None:
             raise ValueError("no tl_dist metadata in the header (not a tl_dist checkpoint?)")
         meta = json.loads(raw)
     except FileNotFoundError:
         raise UserError(f"checkpoint: file not found: {p}") from None
+    except RecursionError:
+        raise UserError(f"checkpoint: {p} is damaged or not a tl_dist checkpoint: its metadata is nested too "
+                        f"deeply") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint: {p} is damaged or not a tl_dist checkpoint: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -289,7 +294,13 @@ class RunLock:
     def acquire(self, folder: Path) -> None:
         path = folder / self.NAME
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # never through a link: the lock record would be written into whatever it points at
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno != errno.ELOOP and not path.is_symlink():
+                    raise
+                raise UserError(f"train: {path} is a symbolic link; the run's lock is a plain file of its own. "
+                                f"Remove the link (what it points at is left as it is) and run again") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

@@ -20,6 +20,7 @@ import yaml
 from .errors import UserError
 
 MAX_IMAGE_SIZE = 4096  # larger crops would allocate gigabytes per image
+MAX_MIX_ALPHA = 100.0  # Beta(alpha, alpha) for MixUp / CutMix: recipes use 0.1..2; past ~1e300 Python's draw never returns
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -185,8 +186,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "scheduler.warmup_start_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "scheduler.pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "train.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "train.mixup_alpha": (lambda v: v >= 0, "0 (off) or a positive number"),
-    "train.cutmix_alpha": (lambda v: v >= 0, "0 (off) or a positive number"),
+    # (bounded: Beta draws with huge parameters never return)
+    "train.mixup_alpha": (lambda v: 0 <= v <= MAX_MIX_ALPHA, f"0 (off) or a positive number up to {MAX_MIX_ALPHA}"),
+    "train.cutmix_alpha": (lambda v: 0 <= v <= MAX_MIX_ALPHA, f"0 (off) or a positive number up to {MAX_MIX_ALPHA}"),
     "train.mix_prob": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1) (0 = off)"),
     "train.early_stopping_patience": (lambda v: v >= 0, "0 (off) or a positive number of epochs"),

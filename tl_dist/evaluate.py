@@ -221,9 +221,12 @@ def write_outputs(out: Path, metrics: dict, paths: list[str], labels, logits, cl
         w.writerow([p, classes[y], classes[max(range(len(row)), key=row.__getitem__)], *[f"{v:.6f}" for v in row]])
     checkpoint.atomic_write_text(out / "predictions.csv", buf.getvalue())
     import torch
-    visualize.confusion_matrix(torch.tensor(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png")
-    visualize.reliability(reliability_bins(logits, labels), metrics["ece"], out / "reliability.png")
-    visualize.top_losses(top_losses(paths, labels, logits, classes, predictor), out / "top_losses.png")
+    visualize.drawn(visualize.confusion_matrix, torch.tensor(metrics["confusion_matrix"]), classes,
+                    out / "confusion_matrix.png")
+    visualize.drawn(visualize.reliability, reliability_bins(logits, labels), metrics["ece"], out / "reliability.png")
+    def top_losses_png(path: Path) -> None:
+        visualize.top_losses(top_losses(paths, labels, logits, classes, predictor), path)
+    visualize.drawn(top_losses_png, out / "top_losses.png")
 
 
 def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least: int = 8) -> list:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +77,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def regular_file(path: str) -> None:
+    """BadImage unless ``path`` is a regular file (links followed): opening a named pipe would wait
+    for a writer forever, and a device could be endless."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found") from None
+    except OSError as e:
+        raise BadImage(f"{path}: unreadable: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
+        raise BadImage(f"{path}: not a regular file ({kind}); only image files are read")
+
+
 @contextmanager
 def _open(path: str) -> Iterator[Image.Image]:
     """Image.open, with every way it fails turned into BadImage naming the file.
@@ -84,6 +100,7 @@ def _open(path: str) -> Iterator[Image.Image]:
     checked here rather than by turning that warning into an error, because warning filters are
     process-global and the scan opens files from many threads at once.
     """
+    regular_file(path)
     try:
         img = Image.open(path)
     except FileNotFoundError:
@@ -123,6 +140,7 @@ def inspect_file(path: str) -> tuple[int, int, int]:
 
     Reads the header and the tail, never decodes pixels, so a 10k-image folder takes seconds.
     """
+    regular_file(path)
     try:
         size = os.path.getsize(path)
     except OSError as e:

@@ -56,13 +56,17 @@ def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
     return valley, lrs[min(range(n), key=smoothed.__getitem__)] / 10
 
 
+MAX_STEPS = 10_000  # a range test is ~100 steps; a bound keeps a typo from running for days
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "tl-dist lr-find") -> int:
     try:
         args, rest = parse(argv, prog)
-        if not 0 < args.start_lr < args.end_lr:
-            raise UserError("lr-find: needs 0 < --start-lr < --end-lr")
-        if args.steps < 5:
-            raise UserError("lr-find: --steps must be 5 or more")
+        if not 0 < args.start_lr < args.end_lr < float("inf"):
+            raise UserError("lr-find: needs 0 < --start-lr < --end-lr, both finite")
+        if not 5 <= args.steps <= MAX_STEPS:
+            raise UserError(f"lr-find: --steps must be from 5 to {MAX_STEPS} (100, the default, is what the range "
+                            f"test needs; each step is one training batch)")
         from . import config
         path = rest.pop(0) if rest and "=" not in rest[0] else None
         cfg = config.load(path, rest)

@@ -254,8 +254,12 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
         log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
             f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
             f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
+        if cfg.scheduler.warmup_epochs >= cfg.train.epochs:
+            log(f"warning: scheduler.warmup_epochs ({cfg.scheduler.warmup_epochs:g}) is not shorter than train.epochs "
+                f"({cfg.train.epochs}): the learning rate rises for the whole run and never trains at optim.lr; "
+                f"shorten the warm-up (a few epochs, or a fraction of one)")
         if cfg.train.plots and start == 0:
-            visualize.train_batch(d.train, d.classes, out / "train_batch.png", seed=cfg.train.seed)
+            visualize.drawn(visualize.train_batch, d.train, d.classes, out / "train_batch.png", seed=cfg.train.seed)
 
     # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs) when
     # they fit the host cache budget (fp32 size, an upper bound: one vector per val image).

@@ -4,11 +4,14 @@ val predictions, loss / accuracy / learning-rate curves and the confusion matrix
 Headless: figures are drawn on matplotlib's Agg canvas through its object API, never through pyplot,
 so no display is needed and nothing changes the backend of a program that imports this.
 Legible from 2 to 50 classes and with long class names: captions wrap, axis labels rotate and the
-figures grow with the class count.
+figures grow with the class count. Past 50 classes the confusion matrix shows the 50 classes most
+involved in mistakes, so its size is bounded whatever the class count. A picture is a view of the
+files, never a reason to fail: ``drawn`` turns any failure into a warning line.
 """
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 from pathlib import Path
 
@@ -23,6 +26,22 @@ GREEN, RED, BLACK = "#1e8c3c", "#c82828", "#141414"
 TRAIN, VAL = "#2a5ad0", "#e6781e"
 CAPTION_CHARS = 38  # per caption line under a 2.6-inch tile at 8 pt
 LABEL_CHARS = 32  # longer class names are cut (with ...) on the confusion matrix's axes
+MATRIX_CLASSES = 50  # the most classes a confusion matrix picture shows
+
+
+def drawn(draw, *args, **kwargs) -> None:
+    """``draw(*args, **kwargs)``; a picture that cannot be drawn (memory, a font, a full disk) is a
+    warning line, and the run or evaluation that wanted it carries on."""
+    try:
+        draw(*args, **kwargs)
+    except (Exception, MemoryError) as e:
+        from .errors import first_line, one_line
+
+        paths = [a for a in (*args, *kwargs.values()) if isinstance(a, Path)]
+        name = paths[-1].name if paths else f"the {getattr(draw, '__name__', 'picture').replace('_', ' ')} picture"
+        print(f"warning: {name} could not be drawn "
+              f"({type(e).__name__}: {one_line(first_line(e))}); the other results are complete",
+              file=sys.stderr, flush=True)
 
 
 def _short(name: str, n: int = LABEL_CHARS) -> str:
@@ -130,9 +149,19 @@ def curves(history: list[dict], path: Path, best_epoch: int | None = None) -> No
 def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     """Counts and the row-normalised view (each true class's share per prediction: its recall on
     the diagonal) side by side; the figure grows with the class count."""
+    title_note = ""
+    if len(classes) > MATRIX_CLASSES:  # the classes most involved in mistakes, in class order
+        errors = cm.double().clone()
+        errors.fill_diagonal_(0)
+        keep = sorted((errors.sum(0) + errors.sum(1)).topk(MATRIX_CLASSES).indices.tolist())
+        title_note = f" ({MATRIX_CLASSES} most confused of {len(classes)} classes)"
+        rows_all = cm.double().sum(1)
+        cm, classes = cm[keep][:, keep], [classes[i] for i in keep]
     c = len(classes)
     counts = cm.double()
-    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    # shares of each true class's images (all of them, also those predicted as classes left out)
+    totals = rows_all[keep][:, None] if title_note else counts.sum(1, keepdim=True)
+    rows = counts / totals.clamp(min=1)
     cell = 0.55 if c <= 12 else max(0.28, 6.6 / c)
     label_in = 0.075 * max(len(_short(n)) for n in classes)  # room for the longest label, in inches
     side = max(4.0, c * cell + label_in + 1.2)
@@ -143,7 +172,7 @@ def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"),
                                  (axes[1], rows, "row-normalised (recall on the diagonal)", "{:.2f}")):
         im = ax.imshow(data.numpy(), cmap="Blues", vmin=0)
-        ax.set_title(title, fontsize=11)
+        ax.set_title(title + title_note, fontsize=11)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_xticks(range(c), names, rotation=90 if c > 6 else 45, ha="right" if c <= 6 else "center",
@@ -213,6 +242,6 @@ def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steep:
 
 def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, out: Path, device,
                    best_epoch: int | None = None) -> None:
-    val_predictions(model, d.val, d.classes, ctx, device, out / "val_predictions.png")
-    curves(history, out / "curves.png", best_epoch)
-    confusion_matrix(confusion, d.classes, out / "confusion_matrix.png")
+    drawn(val_predictions, model, d.val, d.classes, ctx, device, out / "val_predictions.png")
+    drawn(curves, history, out / "curves.png", best_epoch)
+    drawn(confusion_matrix, confusion, d.classes, out / "confusion_matrix.png")
