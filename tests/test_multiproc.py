@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from tl_dist import model
 
-from .conftest import FAST, ROOT, accelerate_launch, free_port, run_cli
+from .conftest import FAST, ROOT, accelerate_launch, free_port, make_images, run_cli
 
 pytestmark = pytest.mark.multiproc
 
@@ -114,6 +114,29 @@ def test_failure_on_one_rank_ends_the_job_promptly(tiny_data, tmp_path):
     assert time.time() - t0 < 60
     assert all(n.returncode != 0 for n in nodes)
     assert "(on rank 1) data: data.root not found" in outs[0][1]
+    assert not (tmp_path / "out" / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("other", ["a class more", "other pixels"])
+def test_machines_with_different_copies_of_the_data_are_refused_before_training(tiny_data, tmp_path, other):
+    """Machine 1's copy has a class more (DDP would fail on the head's shape), or the same names and
+    sizes class by class but other pixels (the job would train on silently): one line names it."""
+    counts = {"train": {"ants": 11, "bees": 11}, "val": {"ants": 7, "bees": 6}}
+    if other == "a class more":
+        copy = make_images(tmp_path / "copy", {s: {**c, "wasps": 3} for s, c in counts.items()})
+    else:
+        copy = make_images(tmp_path / "copy", counts, seed=1)  # same file names, other images
+    port = free_port()
+    nodes = [_node(0, port, tiny_data, tmp_path / "out", "train.epochs=1"),
+             _node(1, port, copy, tmp_path / "out", "train.epochs=1")]
+    outs = [n.communicate(timeout=120) for n in nodes]
+    assert all(n.returncode != 0 for n in nodes), outs[0][1][-2000:]
+    lines = [line for line in outs[0][1].splitlines() if line.startswith("error:")]
+    # one line from tl_dist (the launcher prints its own report of a failed worker)
+    assert len(lines) == 1 and f"{ROOT / 'tl_dist'}" not in outs[0][1] + outs[1][1], outs[0][1][-3000:]
+    words = "classes differ (only on rank 0: none; only there: wasps)" if other == "a class more" else \
+        "the same file names but other contents (compared: file sizes and bytes)"
+    assert "data: rank 1" in lines[0] and words in lines[0], lines[0]
     assert not (tmp_path / "out" / "last.safetensors").exists()
 
 

@@ -1,4 +1,5 @@
 """A rank that stops answering (frozen, or hung in a collective) must not hold the job forever."""
+import json
 import os
 import signal
 import subprocess
@@ -96,6 +97,9 @@ def test_a_stop_signal_ends_a_rank_blocked_by_a_frozen_peer(data_dir):
         assert time.time() - t0 < GRACE_SECONDS + 5
     finally:
         _finish(p, ranks)
+    # the run's record says how it ended (not "running", as if a live process still held it)
+    status = json.loads((data_dir / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and "waiting for another rank" in status["detail"], status
 
 
 def test_a_frozen_rank_ends_the_job_at_the_collective_timeout_with_one_line(data_dir):
@@ -110,3 +114,24 @@ def test_a_frozen_rank_ends_the_job_at_the_collective_timeout_with_one_line(data
     lines = [line for line in err.splitlines() if line.startswith("error: distributed:")]
     assert len(lines) == 1, err[-3000:]
     assert "train.collective_timeout=5s" in lines[0] and "waited in epoch " in lines[0]
+
+
+def test_a_killed_rank_is_named_in_one_line(data_dir):
+    p, tag = _launch(data_dir, "train.collective_timeout=600")
+    deadline = time.time() + 180
+    metrics = data_dir / "run" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    ranks = _ranks(tag)
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    try:
+        t0 = time.time()
+        while _alive(ranks[0]) and time.time() - t0 < 90:
+            time.sleep(0.2)
+    finally:
+        _, err = _finish(p, ranks)
+    lines = [line for line in err.splitlines() if line.startswith("error: distributed:")]
+    assert len(lines) == 1, err[-3000:]
+    assert f"rank 1 (pid {ranks[1]}) ended (killed or crashed)" in lines[0] and "resume" in lines[0]
+    assert "Connection reset by peer" not in err.replace(lines[0], "") and "pair.cc" not in err, err[-3000:]

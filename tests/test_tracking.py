@@ -62,3 +62,13 @@ def test_a_tracker_that_is_not_there_is_one_line_before_any_work(tiny_data, tmp_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_tracker_folder_that_is_a_file_is_one_line_before_any_work(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tl_dist").write_text("not a folder")
+    assert train_in_process(out, tiny_data, "train.epochs=1", "train.log_with=[tensorboard]") == 2
+    err = capsys.readouterr().err.split("\r")[-1]
+    assert err.count("\n") == 1 and "tensorboard writes into" in err and "which is a file" in err, err
+    assert (out / "tl_dist").read_text() == "not a folder" and not (out / "status.json").exists()

@@ -74,6 +74,48 @@ def list_splits(root: str) -> tuple[list[str], list[Sample], list[Sample]]:
     return train_classes, train, val
 
 
+CONTENT_CHECK_FILES = 50_000  # up to this many images, ranks compare their bytes too (ends of each file)
+
+
+def identity(root: str, classes: list[str], train: list[Sample], val: list[Sample], deep: bool) -> dict:
+    """What this process sees under ``root``, to compare across processes (machines may hold
+    different copies of a data set): the classes, each split's count and a hash of its relative
+    paths and labels; with ``deep``, a hash of every file's size, and up to CONTENT_CHECK_FILES
+    images a hash of their first and last kB too (pixels that differ change the compressed bytes
+    at the end of the file, where the data is)."""
+    import hashlib
+
+    r = str(Path(root).expanduser())
+    out: dict = {"classes": classes}
+    everything = train + val
+    for split, samples in (("train", train), ("val", val)):
+        h = hashlib.blake2b(digest_size=12)
+        for path, label in samples:
+            h.update(f"{os.path.relpath(path, r)}\0{label}\n".encode("utf-8", "surrogateescape"))
+        out[split] = {"images": len(samples), "names": h.hexdigest()}
+    if not deep:
+        return out
+
+    def ends(path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if len(everything) > CONTENT_CHECK_FILES:
+                    return str(size).encode()
+                head = f.read(1024)
+                f.seek(max(0, size - 1024))
+                return f"{size}:".encode() + head + f.read()
+        except OSError as e:
+            return f"unreadable {e.errno}".encode()
+    with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) * 4)) as pool:
+        h = hashlib.blake2b(digest_size=12)
+        for b in pool.map(ends, [p for p, _ in everything], chunksize=64):
+            h.update(hashlib.blake2b(b, digest_size=12).digest())
+    out["content"] = {"hash": h.hexdigest(),
+                      "what": "file sizes" if len(everything) > CONTENT_CHECK_FILES else "file sizes and bytes"}
+    return out
+
+
 # ----------------------------------------------------------------------------- datasets
 
 class ImageDataset(Dataset):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
+import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -222,25 +225,97 @@ def assert_ranks_in_sync(accelerator, model, epoch: int) -> str | None:
     return digests[0]
 
 
+def check_same_data(accelerator, mine: dict | None) -> None:
+    """Every process must train on the same data: a machine with another copy (a class more, a
+    re-encoded image) would fail deep inside DDP or, worse, train on silently. Rank 0 compares each
+    rank's ``data.identity`` with its own and names the first difference (every rank raises it)."""
+    if accelerator.num_processes == 1:
+        return
+    seen = gather_objects(accelerator, (socket.gethostname(), mine))
+
+    def compare() -> None:
+        if not accelerator.is_main_process:
+            return
+        _, ref = seen[0]
+        for rank, (host, other) in enumerate(seen[1:], start=1):
+            why = data_difference(ref, other)
+            if why:
+                raise UserError(f"data: rank {rank} (on {host}) sees other data under data.root than rank 0: {why}; "
+                                f"every machine must hold the same copy of the data set")
+    agree(accelerator, compare)
+
+
+def data_difference(a: dict, b: dict) -> str | None:
+    """The first difference between two ``data.identity`` records, in words (rank 0's first)."""
+    if a["classes"] != b["classes"]:
+        only_a, only_b = sorted(set(a["classes"]) - set(b["classes"])), sorted(set(b["classes"]) - set(a["classes"]))
+        return (f"classes differ (only on rank 0: {', '.join(only_a[:5]) or 'none'}; only there: "
+                f"{', '.join(only_b[:5]) or 'none'})" if only_a or only_b else "the classes are in another order")
+    for split in ("train", "val"):
+        if a[split]["images"] != b[split]["images"]:
+            return f"{split} images {a[split]['images']} on rank 0, {b[split]['images']} there"
+        if a[split]["names"] != b[split]["names"]:
+            return f"other {split} file names (same count, {a[split]['images']})"
+    if "content" in a and "content" in b and a["content"] != b["content"]:
+        return f"the same file names but other contents (compared: {a['content']['what']})"
+    return None
+
+
 class JobFailure(UserError):
     """The job cannot go on, through no fault of the config (a rank stopped answering): one line, exit 1."""
 
     exit_code = 1
 
 
-def as_job_failure(e: BaseException, timeout_s: int) -> JobFailure | None:
-    """A collective that timed out, as one line naming where this rank was waiting; else None."""
-    text = str(e)
-    if not isinstance(e, RuntimeError) or not any(w in text.lower() for w in ("timed out", "timeout")):
-        return None
+# rank -> (host, pid) of every process of the job, learnt at start-up: who to name when one is gone
+_PEERS: list[tuple[str, int]] = []
+# how gloo / NCCL / the store say that the other end of a connection has gone
+_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket closed",
+         "remote process exited", "connection refused")
+
+
+def note_peers(accelerator) -> None:
+    """Learn every rank's host and pid (one small collective at start-up)."""
+    global _PEERS
+    _PEERS = list(gather_objects(accelerator, (socket.gethostname(), os.getpid())))
+
+
+def gone_peers() -> list[str]:
+    """The ranks on this machine whose process has ended, as "rank R (pid P)"."""
+    from .outputs import alive
+
+    here = socket.gethostname()
+    return [f"rank {r} (pid {pid})" for r, (host, pid) in enumerate(_PEERS)
+            if host == here and pid != os.getpid() and not alive(pid)]
+
+
+def _waited_in(e: BaseException) -> str:
+    """Where this rank was when ``e`` was raised: the innermost frame of tl_dist's own code."""
     where, epoch, tb = "set-up", None, e.__traceback__
-    while tb is not None:  # the innermost frame of tl_dist's own code: the step that waited
+    while tb is not None:
         frame, code = tb.tb_frame, tb.tb_frame.f_code
         if f"{os.sep}tl_dist{os.sep}" in code.co_filename:
             where = f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{tb.tb_lineno})"
             epoch = frame.f_locals.get("epoch", epoch) if code.co_name == "_fit" else epoch
         tb = tb.tb_next
-    where = where if epoch is None else f"epoch {epoch}, {where}"
+    return where if epoch is None else f"epoch {epoch}, {where}"
+
+
+def as_job_failure(e: BaseException, timeout_s: int) -> JobFailure | None:
+    """A collective that timed out, or whose peer went away, as one line naming the rank that is
+    gone (where it can be known) and where this rank was waiting; else None."""
+    text = str(e)
+    if isinstance(e, RuntimeError) and any(w in text.lower() for w in _LOST):
+        time.sleep(0.5)  # a killed peer's process may take a moment to be reaped by its launcher
+        gone = gone_peers()
+        who = (f"{' and '.join(gone)} ended (killed or crashed)" if gone
+               else "another rank went away (killed, crashed, or its machine is unreachable)")
+        said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e, 300))[:100]  # without gloo's source location
+        return JobFailure(f"distributed: {who} while this one waited in {_waited_in(e)} ({said}). "
+                          f"The last complete epoch is saved: run the same command to resume")
+    if not isinstance(e, RuntimeError) or not any(w in text.lower() for w in ("timed out", "timeout")):
+        return None
+    where = _waited_in(e)
     return JobFailure(f"distributed: another rank did not answer for train.collective_timeout={timeout_s}s, while "
                       f"this one waited in {where} ({first_line(e, 120)}); a rank is frozen, hung or much slower. "
                       f"The last complete epoch is saved: run the same command to resume")
@@ -261,6 +336,8 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        # called by the watchdog just before it ends the process (the run's status file says so)
+        self.before_forced_exit: Callable[[], None] = lambda: None
         self._previous: dict[int, Any] = {}
         self._previous_fd = -1
         self._wake: int | None = None
@@ -272,7 +349,8 @@ class StopRequest:
         os.set_blocking(w, False)
         self._wake = w
         self._previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        threading.Thread(target=self._watchdog, args=(r,), daemon=True, name="tl_dist-stop-watchdog").start()
+        threading.Thread(target=self._watchdog, args=(r, self._forced_exit), daemon=True,
+                         name="tl_dist-stop-watchdog").start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -286,15 +364,22 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: the user really means now
         self.signum = signum
 
+    def _forced_exit(self, code: int) -> None:
+        try:
+            self.before_forced_exit()
+        except BaseException:  # the exit matters more than the record of it
+            pass
+        os._exit(code)
+
     @staticmethod
-    def _watchdog(r: int) -> None:
+    def _watchdog(r: int, forced_exit: Callable[[int], None]) -> None:
         armed = False
         try:
             while received := os.read(r, 64):  # until __exit__ closes the other end
                 first = next((s for s in received if s in (signal.SIGTERM, signal.SIGINT)), None)
                 if first is not None and not armed:
                     armed = True
-                    timer = threading.Timer(GRACE_SECONDS, os._exit, args=(128 + first,))
+                    timer = threading.Timer(GRACE_SECONDS, forced_exit, args=(128 + first,))
                     timer.daemon = True
                     timer.start()
         finally:

@@ -38,6 +38,14 @@ def accelerator_kwargs(log_with: list[str], output_dir: str) -> dict:
             extra = "pip install 'tl_dist[track]'" if name == "tensorboard" else f"pip install {name}"
             raise UserError(f"config: train.log_with: {name} is not installed ({extra}), or remove it from "
                             f"train.log_with")
+    if "tensorboard" in log_with:  # its event files go into output_dir/tl_dist: that place must take them
+        from .outputs import check_writable
+
+        folder = Path(output_dir) / PROJECT
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"config: train.log_with: tensorboard writes into {folder}, which is a file; move it "
+                            f"away or choose another train.output_dir")
+        check_writable(folder, "config", "train.log_with: tensorboard writes into")
     return {"log_with": list(dict.fromkeys(log_with)), "project_dir": output_dir}
 
 

@@ -28,8 +28,8 @@ from rich.table import Table
 from . import __version__, checkpoint, config, data, demo, host_memory, recipe, tracking, visualize
 from . import model as model_lib
 from .config import Config
-from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, gather_objects,
-                          make_accelerator, on_main_then_share, rewrap_unfrozen, share_buffers)
+from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, check_same_data, gather_objects,
+                          make_accelerator, note_peers, on_main_then_share, rewrap_unfrozen, share_buffers)
 from .ema import EMA
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
 from .errors import UserError, drop_stdout, first_few, first_line, one_line, printable
@@ -59,6 +59,8 @@ def fit(cfg: Config) -> RunResult:
     lock = checkpoint.RunLock()  # taken by rank 0 in set-up, released once every file is written
     try:
         with StopRequest() as stop:
+            stop.before_forced_exit = lambda: end_status(
+                cfg, lock, "interrupted", "stopped by a signal while waiting for another rank (frozen or gone)")
             try:
                 result = _fit(cfg, stop, writer, lock)
             except RuntimeError as e:
@@ -177,6 +179,8 @@ class Run:
 def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
     """Accelerator, data, model, resume state, optimizer, train step and the run's first files."""
     accelerator, mp = make_accelerator(cfg)
+    if accelerator.num_processes > 1:
+        note_peers(accelerator)  # (to name a rank that dies later)
     main_proc = accelerator.is_main_process
     if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
         host_memory.keep_freed_memory()
@@ -350,6 +354,9 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[data.Data, dict | None]
         # (on every node's first rank; the others wait, then all learn of a refusal together)
         agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
     classes, train, val = agree(accelerator, data.list_splits, cfg.data.root)
+    if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the bytes)
+        check_same_data(accelerator, data.identity(cfg.data.root, classes, train, val,
+                                                   deep=accelerator.is_local_main_process))
     # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
     report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, train, val, log))
     if report.bad:
