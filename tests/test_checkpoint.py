@@ -131,3 +131,12 @@ def test_a_failed_background_write_is_one_line_naming_the_key_that_writes_betwee
     msg = str(e.value)
     assert msg.startswith("checkpoint: the background writer failed: CUDA error: unspecified launch failure;")
     assert "train.write_in_background=false writes between epochs" in msg and "\n" not in msg
+
+
+def test_metadata_nested_without_end_is_one_error_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+    deep = "[" * 100_000 + "]" * 100_000
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "deep.safetensors"), metadata={"tl_dist": deep})
+    with pytest.raises(UserError, match="deep.safetensors is damaged or not a tl_dist checkpoint: its metadata is "
+                                        "nested too deeply"):
+        checkpoint.read_metadata(tmp_path / "deep.safetensors")

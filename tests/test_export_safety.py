@@ -227,3 +227,14 @@ def test_the_next_export_removes_what_a_killed_one_left(run, tmp_path):  # noqa:
         (d / "m.onnx").write_bytes(b"half a model")
     assert export.main([str(run), "--out", str(tmp_path / "m.onnx")]) == 0
     assert not stale.exists() and live.exists()
+
+
+def test_a_description_nested_without_end_is_one_line(exports, tiny_data, tmp_path, capsys):
+    import onnx
+
+    proto = onnx.load(str(exports / "m.onnx"))
+    next(p for p in proto.metadata_props if p.key == "tl_dist.json").value = "[" * 100_000 + "]" * 100_000
+    onnx.save(proto, str(tmp_path / "deep.onnx"))
+    assert predict.main([str(next((tiny_data / "val" / "ants").iterdir())), "--checkpoint",
+                         str(tmp_path / "deep.onnx")]) == 2
+    one_line_error(capsys, "nested too deeply")
