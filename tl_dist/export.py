@@ -27,6 +27,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -87,21 +88,21 @@ def export_to(module, example, fmt: str, path: Path, dynamic: bool, description:
             n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
             program.save(str(path), external_data=n_bytes > 1_800_000_000)  # protobuf's 2 GB limit
             return
-    write_file(path, buf.getbuffer())
+    write_file(path, buf.getbuffer(), shown_in=path.parent.parent)  # (path is in the temporary folder)
 
 
 class WriteFailed(Exception):
     """Writing the exported file failed (a full disk, a quota): the message names the file."""
 
 
-def write_file(path: Path, data) -> None:
+def write_file(path: Path, data, shown_in: Path) -> None:
     try:
         with open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise WriteFailed(f"export: writing {path.name} into {path.parent.parent} failed: {e.strerror}; nothing "
+        raise WriteFailed(f"export: writing {path.name} into {shown_in} failed: {e.strerror}; nothing "
                           f"written (free space, or choose another --out)") from None
 
 
@@ -191,7 +192,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int
 
     def stop(signum, frame):
         raise Stopped(signum)
-    previous = signal.signal(signal.SIGTERM, stop)
+    main_thread = threading.current_thread() is threading.main_thread()  # (only it may set handlers)
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         return _export(args)
     except UserError as e:
@@ -207,7 +209,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int
         print(f"export: stopped by {signal.Signals(signum).name}; {done}", file=sys.stderr)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Stopped(BaseException):

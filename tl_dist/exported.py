@@ -188,6 +188,7 @@ def pickled_parts(path: Path) -> list[str]:
     found: list[str] = []
     with zipfile.ZipFile(path) as z:
         for name in z.namelist():
+            inner = name.split("/", 1)[-1]  # (torch's archives keep everything under one top folder)
             if name.endswith(("_weights_config.json", "_constants_config.json")):
                 try:
                     config = json.loads(z.read(name)).get("config", {})
@@ -199,9 +200,9 @@ def pickled_parts(path: Path) -> list[str]:
                     if not isinstance(entry, dict) or entry.get("use_pickle") is not False \
                             or not str(member).startswith(("weight_", "tensor_")):
                         found.append(f"{fqn} ({name.rsplit('/', 1)[-1]})")
-            elif "/data/weights/" in name and name.endswith(".pt") or "/data/constants/" in name and name.endswith(".pt"):
+            elif inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(".pt"):
                 found.append(name)  # the legacy layout: the whole state dict as one pickle
-            elif "/data/sample_inputs/" in name:
+            elif inner.startswith("data/sample_inputs/"):
                 try:
                     torch.load(io.BytesIO(z.read(name)), weights_only=True)
                 except Exception:  # whatever weights_only refuses, torch.export.load would unpickle
@@ -236,21 +237,16 @@ def _torch_runner(module, device: str) -> Callable[[torch.Tensor], torch.Tensor]
 def external_data_outside(proto) -> str | None:
     """The first external-data location of an ONNX model that is not a plain file name beside it
     (a path, ``..``): such a model would read any file it names into its weights."""
+    import onnx
     from onnx.external_data_helper import _get_all_tensors
 
     for tensor in _get_all_tensors(proto):
-        if tensor.data_location != onnx_external():
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         where = next((e.value for e in tensor.external_data if e.key == "location"), "")
         if not where or where != Path(where).name or where in (".", "..") or "\\" in where:
             return where or "(no location)"
     return None
-
-
-def onnx_external() -> int:
-    import onnx
-
-    return onnx.TensorProto.EXTERNAL
 
 
 def _onnx_proto(path: Path):
