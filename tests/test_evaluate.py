@@ -2,6 +2,7 @@
 for bad input, and the same metrics.json for 1 and 2 processes."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,27 +99,30 @@ def test_two_processes_write_the_same_metrics_as_one(trained, tmp_path):
 
 
 @pytest.mark.e2e
-def test_the_output_place_is_checked_before_any_work_and_user_files_are_kept(trained, tmp_path):
+def test_the_output_place_is_checked_before_any_work_and_user_files_are_kept(trained, tmp_path, capsys):
     data, run = trained
-    args = ("-m", "tl_dist", "evaluate", str(data), "--split", "val", "--checkpoint", str(run))
+    args = [str(data), "--split", "val", "--checkpoint", str(run)]
     a_file = tmp_path / "results.txt"
     a_file.write_text("mine")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "metrics.json").write_text('{"my": "numbers"}')
-    for out, words in ((a_file, "is a file"), (tmp_path / "/proc/ev", "cannot write in /proc"),
+
+    def refused(*extra, words):
+        assert evaluate.main([*args, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and words in err and "images:" not in out, err  # before the evaluation
+    for out, words in ((a_file, "is a file"), (Path("/proc/ev"), "cannot write in /proc"),
                        (mine, "metrics.json exists and was not written by tl_dist")):
-        r = run_cli(*args, "--out", str(out))
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
-        assert "images:" not in r.stdout  # refused before the evaluation, not after it
+        refused("--out", str(out), words=words)
     assert a_file.read_text() == "mine" and (mine / "metrics.json").read_text() == '{"my": "numbers"}'
-    assert run_cli(*args, "--out", str(mine), "--force").returncode == 0
+    assert evaluate.main([*args, "--out", str(mine), "--force", "--json"]) == 0
     assert json.loads((mine / "metrics.json").read_text())["n"] == 17
-    assert run_cli(*args, "--out", str(mine)).returncode == 0  # its own files: replaced without a word
-    r = run_cli("-m", "tl_dist", "evaluate", str(data), "--split", "nosuch", "--checkpoint", str(run))
-    assert r.returncode == 2 and "--split nosuch: no folder" in r.stderr and "train; val" in r.stderr, r.stderr
-    r = run_cli("-m", "tl_dist", "evaluate", str(data), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "pass --split train" in r.stderr, r.stderr
+    assert evaluate.main([*args, "--out", str(mine), "--json"]) == 0  # its own files: replaced without a word
+    args = [str(data), "--checkpoint", str(run), "--out", str(tmp_path / "o")]
+    refused("--split", "nosuch", words="--split nosuch: no folder")
+    refused("--split", "nosuch", words="holds train; val")
+    refused(words="pass --split train")
 
 
 @pytest.mark.e2e
