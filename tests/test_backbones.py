@@ -38,7 +38,7 @@ def two_classes(tmp_path_factory):
 E2E = [f for f in FAMILIES if f[0] != "vgg11_bn"]
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,size,norm", E2E, ids=[f[0] for f in E2E])
 def test_every_family_frozen_run_keeps_the_backbone_and_predicts_as_it_scored(arch, size, norm, two_classes,
                                                                               tmp_path):
@@ -69,7 +69,7 @@ def test_every_family_frozen_run_keeps_the_backbone_and_predicts_as_it_scored(ar
     assert sum(r["label"] == x.parent.name for r, x in zip(res, paths)) / len(paths) == best["val_acc"]
 
 
-@pytest.mark.e2e  # (in-process, but a minute for all families on 2 cores)
+@pytest.mark.slow  # (in-process, but a minute for all families on 2 cores)
 @pytest.mark.parametrize("arch,size,norm", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_every_family_finetune_moves_the_backbone_and_frozen_holds_it(arch, size, norm):
     """SGD steps in train mode: finetune changes backbone weights; frozen changes only the head
@@ -104,7 +104,7 @@ def _no_init(monkeypatch):
         monkeypatch.setattr(torch.nn.init, name, lambda *a, **k: a[0] if a else k.get("tensor"))
 
 
-@pytest.mark.e2e  # (constructors only, but 80 of them)
+@pytest.mark.slow  # (constructors only, but 80 of them)
 def test_every_classification_model_builds_with_a_new_head(monkeypatch):
     """The head rule picks, for every model torchvision ships, exactly the layers whose shape
     follows the class count (aux classifiers are turned off)."""
@@ -186,7 +186,7 @@ def test_checkpoint_head_and_constructor_arguments_are_checked(tmp_path):
         assert key in checkpoint.metadata_problem({**meta, key: bad})
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_continued_run_is_bit_identical_for_a_model_with_dropout_and_stochastic_depth(two_classes, tmp_path):
     """EfficientNet draws random numbers in every train step (dropout, stochastic depth): a run
     continued from its resume state ends bit for bit where one uninterrupted run does."""

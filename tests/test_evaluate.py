@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
     return data, root / "run"
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_evaluate_on_the_val_folder_reproduces_the_runs_own_numbers(trained, tmp_path):
     data, run = trained
     r = run_cli("-m", "tl_dist", "evaluate", str(data), "--split", "val", "--checkpoint", str(run),
@@ -67,7 +67,7 @@ def test_evaluate_on_the_val_folder_reproduces_the_runs_own_numbers(trained, tmp
             im.verify()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_bad_input_is_one_line(trained, tmp_path):
     data, run = trained
     extra = make_images(tmp_path / "x", {"test": {"ants": 2, "hornets": 2}})
@@ -98,7 +98,7 @@ def test_two_processes_write_the_same_metrics_as_one(trained, tmp_path):
     assert (tmp_path / "one" / "predictions.csv").read_text() == (tmp_path / "two" / "predictions.csv").read_text()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_output_place_is_checked_before_any_work_and_user_files_are_kept(trained, tmp_path, capsys):
     data, run = trained
     args = [str(data), "--split", "val", "--checkpoint", str(run)]
@@ -125,7 +125,7 @@ def test_the_output_place_is_checked_before_any_work_and_user_files_are_kept(tra
     refused(words="pass --split train")
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_picture_that_cannot_be_drawn_is_a_warning_not_a_failed_evaluation(trained, tmp_path, monkeypatch, capsys):
     from tl_dist import visualize
 

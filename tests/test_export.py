@@ -12,7 +12,7 @@ from tl_dist.predict import Predictor
 
 from .conftest import run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 
 

@@ -17,7 +17,7 @@ from tl_dist import evaluate, export, predict
 from .conftest import ROOT
 from .test_export import leftovers, run  # noqa: F401 - the checkpoint fixture
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)

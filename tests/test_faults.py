@@ -12,7 +12,7 @@ from tl_dist import checkpoint
 from .conftest import FAST, ROOT, make_images, run_cli
 from .conftest import train_in_process as _run
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from tl_dist import checkpoint, model
 
 from .conftest import ROOT, make_images
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 
 CHILD = r'''
 import contextlib, io, json, random, resource, struct, sys

@@ -15,7 +15,7 @@ from tl_dist import graphs
 
 from .conftest import train_in_process as _run
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from tl_dist import train
 
 from .conftest import FAST, ROOT, make_images, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_ema_follows_its_closed_form_and_copies_counters():
     assert ema.module[0].weight.requires_grad is False
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_with_ema_the_saved_weights_are_the_average_that_was_evaluated(tiny_data, tmp_path):
     from tl_dist import evaluate
     assert train_in_process(tmp_path / "run", tiny_data, "train.ema_decay=0.9", "train.epochs=2") == 0
@@ -221,7 +221,7 @@ def test_rules_between_keys_are_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and words in err, err
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_early_stopping_stops_and_stays_stopped(tiny_data, tmp_path, capsys):
     # A learning rate too small to change any prediction: val accuracy ties, never improves.
     over = ["optim.lr=1e-12", "train.early_stopping_patience=1", "train.epochs=6"]
@@ -239,7 +239,7 @@ def _cmd(data_dir, out, epochs):
             "data.batch_size=4", f"train.epochs={epochs}", f"train.output_dir={out}"]
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_every_recipe_option_resumes_bit_identical_after_sigkill(tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
@@ -276,7 +276,7 @@ def test_lr_find_suggests_inside_the_falling_stretch():
     assert 1e-4 < valley < 1e-2 and tenth == pytest.approx(lrs[loss.index(min(loss))] / 10)
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_lr_find_writes_its_two_files_and_nothing_else(tiny_data, tmp_path, capsys):
     from tl_dist import lr_find
     out = tmp_path / "run"

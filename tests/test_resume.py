@@ -14,7 +14,7 @@ from tl_dist import runs
 
 from .conftest import FAST, ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 EPOCHS = 5
 
 

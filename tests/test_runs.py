@@ -7,7 +7,7 @@ from .conftest import run_cli
 from .conftest import train_in_process as _run
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_runs_lists_complete_and_failed_runs_and_a_refused_start_changes_nothing(tiny_data, tmp_path):
     root = tmp_path / "runs"
     assert _run(root / "good", tiny_data, "train.epochs=2") == 0

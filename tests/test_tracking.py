@@ -9,7 +9,7 @@ from tl_dist import train
 
 from .conftest import ROOT, train_in_process
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 RUN_FILES = ("resume.pt", "last.safetensors", "last.json", "best.safetensors", "best.json", "metrics.jsonl",
              "status.json")
 

@@ -14,7 +14,7 @@ from tl_dist.predict import Predictor
 from .conftest import FAST, ROOT, make_images
 from .conftest import train_in_process as _run
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ The file holds the classifier with its normalisation (see ``exported``); its des
 input, eval transform) goes inside it and beside it as FILE.json. Before anything is reported or
 put in place, the file is loaded back in its own runtime (torch.jit.load, torch.export.load,
 onnxruntime) and its logits on real images (the checkpoint's eval transform of --images, or of the
-run's val folder) must match the eager model's within 1e-4; then it is moved into place, so a failed
+run's val folder) must match the eager model's within 1e-4 (of the largest logit, where the logits
+exceed 1); then it is moved into place, so a failed
 export leaves nothing behind and an existing file is replaced whole. Prints the largest difference
 and the CPU latency at batch 1 and 32, exported against eager.
 
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 from .errors import UserError, first_line, one_line, printable
 
-TOLERANCE = 1e-4  # largest |logit difference| accepted, fp32
+TOLERANCE = 1e-4  # largest |logit difference| accepted, fp32; relative to the largest logit past 1
 CHECK_IMAGES = 8
 OPSET = 18
 LATENCY_BUDGET_S = 1.0  # per measurement: a bound for large models on a laptop
@@ -316,11 +317,14 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
         diff = float((got - want).abs().max())
         if dynamic and len(x) > 1:  # one image alone too: a batch dimension that was baked in shows here
             diff = max(diff, float((loaded.raw(x[:1]) - want[:1]).abs().max()))
-        if not diff <= TOLERANCE:  # (not <= catches NaN)
+        # fp32 keeps ~7 significant digits: logits in the millions (a model that saw little training)
+        # differ in their units' place between two correct runtimes, so past 1 the limit scales
+        limit = TOLERANCE * max(1.0, float(want.abs().max()))
+        if not diff <= limit:  # (not <= catches NaN)
             raise ExportFailed(f"export: self-check failed: the {fmt} file's logits differ from the eager model's "
-                               f"by up to {diff:.2e} (limit {TOLERANCE:.0e}) on {len(x)} image(s); nothing written")
+                               f"by up to {diff:.2e} (limit {limit:.0e}) on {len(x)} image(s); nothing written")
         timings = measure(eager, loaded, spec, size, dynamic)
-        desc["check"] = {"max_abs_logit_diff": diff, "tolerance": TOLERANCE, "images": len(x), "on": where}
+        desc["check"] = {"max_abs_logit_diff": diff, "tolerance": limit, "images": len(x), "on": where}
         desc["cpu_latency_ms"] = timings
         # The model and its description land together: no signal between the renames
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -367,7 +371,7 @@ def report(ckpt: Path, out: Path, placed: list[Path], fmt: str, desc: dict, seco
     print(f"input: {spec['dtype']} NCHW RGB in {rng}, {desc['image_size']}x{desc['image_size']} (resize "
           f"{desc['resize_size']} {desc['interpolation']}, centre crop {desc['image_size']}); normalisation inside")
     print(f"self-check: {check['images']} image(s) from {printable(check['on'])}: max |logit diff| "
-          f"{check['max_abs_logit_diff']:.1e} (limit {TOLERANCE:.0e}): ok")
+          f"{check['max_abs_logit_diff']:.1e} (limit {check['tolerance']:.0e}): ok")
 
     def ms(v):
         return f"{v:9.1f}" if v is not None else "        -"
