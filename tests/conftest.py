@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from tl_dist.doctor import free_port  # noqa: F401 - the tests' port helper too
+from tl_dist.distributed import free_port  # noqa: F401 - the tests' port helper too
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small crops keep every end-to-end run to seconds on 2 cores; the code paths are the real ones.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import signal
 import socket
@@ -120,6 +121,25 @@ def rewrap_unfrozen(accelerator, net):
     inner = accelerator.unwrap_model(net)
     model_lib.set_frozen(inner, False)
     return accelerator.prepare_model(inner) if accelerator.num_processes > 1 else net
+
+
+def free_port() -> int:
+    """A port for a local 2-process job's rendezvous that nothing holds now. Drawn below Linux's
+    ephemeral range (32768 and up), where gloo's own connections and every outgoing socket take their
+    ports, so the job's store cannot lose its port to one of them between this check and its bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = random.randint(20000, max(20001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free local port for the 2-process job")
 
 
 # ----------------------------------------------------------------------------- agreeing and sharing

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -253,6 +252,8 @@ class SelfTest:
     def two_processes(self) -> str:
         import torch
 
+        from . import distributed
+
         gpus = torch.cuda.device_count() if self.cuda else 0
         backend = "nccl, 2 GPUs" if gpus >= 2 else "gloo, CPU"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
@@ -262,7 +263,7 @@ class SelfTest:
         out = self.work / "two"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "tl_dist.train",
+               "--main_process_port", str(distributed.free_port()), "-m", "tl_dist.train",
                f"data.root={self.data}", f"train.output_dir={out}", "model.weights=none", "data.image_size=32",
                "data.resize_size=36", "data.batch_size=4", "data.num_workers=0", "train.epochs=1",
                "train.plots=false", "train.mixed_precision=no", "train.collective_timeout=60"]
@@ -274,25 +275,6 @@ class SelfTest:
         if not row.get("weights_digest"):
             raise RuntimeError("the cross-rank weight check did not run")
         return f"{backend}: one epoch, both ranks hold the same weights"
-
-
-def free_port() -> int:
-    """A port for a local 2-process job's rendezvous that nothing holds now. Drawn below Linux's
-    ephemeral range (32768 and up), where gloo's own connections and every outgoing socket take their
-    ports, so the job's store cannot lose its port to one of them between this check and its bind."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(100):
-        port = random.randint(20000, max(20001, low - 1))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free local port for the 2-process job")
 
 
 # feature, check method, the config key that turns the feature off
