@@ -302,7 +302,7 @@ def _evaluate(args) -> int:
     from . import checkpoint, distributed
     from .config import ModelConfig
     from .exported import format_of
-    from .images import scan_files
+    from .images import screen_files
     from .model import uses_channels_last
     from .predict import Predictor
 
@@ -316,15 +316,10 @@ def _evaluate(args) -> int:
                                           trust_code=args.trust_code)
     classes = predictor.classes
     samples = list_labelled(folder, classes)
-    report = distributed.on_main_then_share(acc, lambda: scan_files([s for s, _ in samples]))
-    if report.bad:
-        listing = first_few(list(report.bad.values()), 5)
-        if not args.skip_bad_images:
-            raise UserError(f"evaluate: {len(report.bad)} bad image file(s) under {folder}: {listing}; fix or "
-                            f"remove them, or pass --skip-bad-images")
-        if acc.is_main_process:
-            print(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}", file=sys.stderr)
-        samples = [s for s in samples if s[0] not in report.bad]
+    report = distributed.on_main_then_share(acc, lambda: screen_files(
+        [s for s, _ in samples], str(folder), args.skip_bad_images, "pass --skip-bad-images",
+        lambda line: print(printable(line), file=sys.stderr), who="evaluate"))  # (rank 0 scans and says)
+    samples = [s for s in samples if s[0] not in report.bad]
     cfg = predictor.meta.get("config", {}).get("data", {})
     batch = args.batch_size or cfg.get("eval_batch_size") or 8 * cfg.get("batch_size", 4)
     if batch < 1:

@@ -273,7 +273,6 @@ def _load_onnx(path: Path, device: str):
     if "onnx" in missing or "onnxruntime" in missing:
         raise UserError(f"exported model: {path}: running ONNX files needs {' and '.join(missing)}: "
                         f"pip install 'tl_dist[export]'")
-    import onnx
     import onnxruntime as ort
 
     proto, desc = _onnx_proto(path)

@@ -6,11 +6,11 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from .errors import UserError, first_few
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -187,4 +187,22 @@ def scan_files(paths: list[str], workers: int | None = None) -> ScanReport:
                 report.sizes[p], report.nbytes[p] = whb[:2], whb[2]
             else:
                 report.bad[p] = err
+    return report
+
+
+SKIP_BAD_IMAGES = "set data.skip_bad_images=true"  # how a training config leaves bad files out
+
+
+def screen_files(paths: list[str], where: str, skip: bool, how_to_skip: str, warn: Callable[[str], None],
+                 who: str = "data") -> ScanReport:
+    """The bad-image rule, one for training, lr-find and evaluate: scan ``paths``; bad files stop
+    the command with one line listing them, unless ``skip`` (the user's ``how_to_skip``), when they
+    are left out with a warning. The report says which."""
+    report = scan_files(paths)
+    if report.bad:
+        listing = first_few(list(report.bad.values()), 10)
+        if not skip:
+            raise UserError(f"{who}: {len(report.bad)} bad image file(s) under {where}: {listing}. "
+                            f"Fix or remove them, or {how_to_skip} to leave them out")
+        warn(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}")
     return report

@@ -91,19 +91,16 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
     from .data import list_splits
     from .distributed import resolve_mixed_precision
     from .engine import StepContext, _to_device, train_loss
-    from .errors import first_few
-    from .images import scan_files
+    from .images import SKIP_BAD_IMAGES, screen_files
 
     cfg = model_lib.resolve(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type == "cuda")
     out = Path(cfg.train.output_dir)
     classes, train, val = list_splits(cfg.data.root)
-    report = scan_files([p for p, _ in train])  # the training's own pre-flight check
-    if report.bad and not cfg.data.skip_bad_images:
-        raise UserError(f"data: {len(report.bad)} bad image file(s) under {cfg.data.root}: "
-                        f"{first_few(list(report.bad.values()), 5)}; fix or remove them, or set "
-                        f"data.skip_bad_images=true")
+    # the training's own pre-flight rule, on the split the test reads
+    report = screen_files([p for p, _ in train], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
+                          lambda line: print(printable(line), file=sys.stderr))
     train = [s for s in train if s[0] not in report.bad]
     torch.manual_seed(cfg.train.seed)
     d = data.build(cfg.data, classes, train, val[:1], seed=cfg.train.seed, device=device, sizes=report.sizes)

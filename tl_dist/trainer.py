@@ -34,7 +34,7 @@ from .ema import EMA
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
 from .errors import UserError, drop_stdout, first_few, first_line, one_line, printable
 from .graphs import GraphedStep, check_cuda_graphs
-from .images import scan_files
+from .images import SKIP_BAD_IMAGES, screen_files
 from .runstate import (RunState, changes, data_fingerprint, model_identity, read_resume, record_resume,
                        rng_state, save_epoch, score_of, seed_everything, set_rng_state, write_status)
 
@@ -370,15 +370,13 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[data.Data, dict | None]
 
 def scan_split_files(cfg: Config, train: list, val: list, log):
     """Rank 0's pre-flight check of every file; stops the run on bad files unless told to skip them."""
-    t0 = time.perf_counter()
-    report = scan_files([p for p, _ in train + val])
+    t0, warnings = time.perf_counter(), []
+    report = screen_files([p for p, _ in train + val], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
+                          warnings.append)
     log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
+    for line in warnings:
+        log(line)
     if report.bad:
-        listing = first_few(list(report.bad.values()), 10)
-        if not cfg.data.skip_bad_images:
-            raise UserError(f"data: {len(report.bad)} bad image file(s) under {cfg.data.root}: {listing}. "
-                            f"Fix or remove them, or set data.skip_bad_images=true to leave them out")
-        log(f"warning: leaving out {len(report.bad)} bad image file(s): {listing}")
         for split, samples in (("train", train), ("val", val)):
             if all(p in report.bad for p, _ in samples):
                 raise UserError(f"data: no usable images left in {cfg.data.root}/{split} after leaving out bad files")
