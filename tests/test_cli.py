@@ -58,3 +58,11 @@ def test_no_config_file_is_said_on_the_first_line(tmp_path):
     first, *rest = r.stderr.splitlines()
     assert first.startswith("note: no config file given: the built-in defaults and the overrides")
     assert rest[-1].startswith("error: data: data.root not found")
+
+
+def test_every_test_the_fault_table_names_exists():
+    import re
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", (ROOT / "docs" / "faults.md").read_text()))
+    assert len(named) > 40
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{test}"
