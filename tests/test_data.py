@@ -119,7 +119,7 @@ def test_cache_gives_same_pixels(tiny_data):
         cfg = _data_cfg(["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
                                  f"data.cache={cache}"])
         d = data.build(cfg, classes, train, val, seed=0)
-        assert d.cached == (cache == "ram")
+        assert (d.cache != "none") == (cache == "ram")
         out.append((torch.cat([b[0] for b in d.train_loader]), torch.cat([b[0] for b in d.val_loader])))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 

@@ -39,7 +39,7 @@ RUN_FILES = ("best.safetensors.", "best.json.", "last.safetensors.", "last.json.
              "config.yaml.", "resumes.jsonl.")
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -87,7 +87,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def remove_stale_temp_files(folder: Path) -> None:

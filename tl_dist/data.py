@@ -282,10 +282,6 @@ class Data:
     workers: int  # loader workers actually used
     warning: str | None = None  # for the run's log: a data path that was given up, and why
 
-    @property
-    def cached(self) -> bool:
-        return self.cache != "none"
-
     def describe(self, device) -> str:
         """The data path in a few words, for logs and benchmark tables."""
         if self.cache == "device":

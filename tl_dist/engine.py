@@ -116,7 +116,7 @@ class EagerStep:
         return self.sums
 
 
-def _to_device(batch, device, ctx: StepContext):
+def to_device(batch, device, ctx: StepContext):
     """(x, y, w) on the device, and the dataset indices of samples that failed to decode."""
     x, y, w, idx = batch
     x = normalize(x.to(device, non_blocking=True), ctx.mean, ctx.std, ctx.channels_last)
@@ -142,7 +142,7 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
     bar = tqdm(total=n_steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     for step, batch in enumerate(loader):
-        x, y, w, failed = _to_device(batch, accelerator.device, ctx)
+        x, y, w, failed = to_device(batch, accelerator.device, ctx)
         bad += failed
         # Accumulation windows of k steps restart each epoch; the last one may be short.
         lo = step // k * k
@@ -211,7 +211,7 @@ def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epo
             return
         for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True,
                           disable=not accelerator.is_main_process):
-            x, y, w, failed = _to_device(batch, dev, ctx)
+            x, y, w, failed = to_device(batch, dev, ctx)
             bad.extend(failed)
             yield x, y, w
 

@@ -196,7 +196,7 @@ def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bo
     plain, mirrored = [], []
     with ThreadPoolExecutor(8) as pool:
         for s in range(indices.start, indices.stop, batch):
-            images = torch.stack(list(pool.map(predictor._tensor, paths[s:min(s + batch, indices.stop)])))
+            images = torch.stack(list(pool.map(predictor.eval_tensor, paths[s:min(s + batch, indices.stop)])))
             plain.append(forward(images))
             if flip:
                 mirrored.append(forward(images.flip(-1)))
@@ -242,7 +242,7 @@ def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least:
     items = []
     for i in chosen:
         k = int(probs[i].argmax())
-        items.append((predictor._tensor(paths[i]), f"true: {classes[labels[i]]}\npred: {classes[k]} "
+        items.append((predictor.eval_tensor(paths[i]), f"true: {classes[labels[i]]}\npred: {classes[k]} "
                       f"({probs[i, k]:.2f}), loss {max(0.0, float(losses[i])):.2f}", k == int(labels[i])))
     return items
 

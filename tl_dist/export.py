@@ -128,7 +128,7 @@ def sidecar(out: Path) -> Path:
 def move_into_place(tmp: Path, out: Path, force: bool) -> list[Path]:
     """The files of ``tmp`` into out's folder: data files first, the model file last, each by rename.
     A data file (ONNX's external weights) replaces only one an earlier export at ``out`` wrote."""
-    from .checkpoint import _fsync_dir
+    from .checkpoint import fsync_dir
     from .outputs import refuse_foreign
 
     files = sorted(tmp.iterdir(), key=lambda p: p.name == out.name)
@@ -140,18 +140,18 @@ def move_into_place(tmp: Path, out: Path, force: bool) -> list[Path]:
         dest = out.parent / f.name
         os.replace(f, dest)
         placed.append(dest)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return placed
 
 
 def is_export(path: Path) -> bool:
     """Whether ``path`` is a file tl-dist export wrote (it carries tl_dist's description)."""
-    from .exported import FORMAT, format_of, onnx_description, _zip_description
+    from .exported import FORMAT, format_of, onnx_description, zip_description
 
     try:
         if format_of(path) == "onnx":
             return onnx_description(path) is not None
-        return _zip_description(path).get("format") == FORMAT
+        return zip_description(path).get("format") == FORMAT
     except UserError:
         return False
 
@@ -273,7 +273,7 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
     images = []
     for f in files:
         try:
-            images.append(predictor._tensor(f))
+            images.append(predictor.eval_tensor(f))
         except Exception as e:  # a bad check image is the user's to fix; name it
             raise UserError(f"export: check image {f}: {first_line(e)}") from None
     if not images:  # the run's data has gone: still check the numbers, and say on what

@@ -98,7 +98,7 @@ def _description(raw: Any, path: Path) -> dict[str, Any]:
     return desc
 
 
-def _zip_description(path: Path) -> dict[str, Any]:
+def zip_description(path: Path) -> dict[str, Any]:
     """The description inside a TorchScript / torch.export archive, read without running anything."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -144,7 +144,7 @@ class ExportedModel:
         if not path.is_file():
             raise UserError(f"exported model: file not found: {path}")
         if fmt in PROGRAMS and not trust_code:
-            _zip_description(path)  # a torch file that is not an export at all is told so first
+            zip_description(path)  # a torch file that is not an export at all is told so first
             raise UserError(f"exported model: {path} is {PROGRAMS[fmt]}: loading it runs the code inside it. Pass "
                             f"--trust-code only if you trust where the file came from (or use the .onnx export, "
                             f"which runs no code of its own: tl-dist export RUN --format onnx)")
@@ -171,7 +171,7 @@ class ExportedModel:
 
 
 def _load_torchscript(path: Path, device: str):
-    desc = _zip_description(path)
+    desc = zip_description(path)
     try:
         with warnings.catch_warnings():  # torch.jit's deprecation notice is for torch's developers
             warnings.simplefilter("ignore", FutureWarning)
@@ -211,7 +211,7 @@ def pickled_parts(path: Path) -> list[str]:
 
 
 def _load_program(path: Path, device: str):
-    desc = _zip_description(path)
+    desc = zip_description(path)
     try:
         pickled = pickled_parts(path)
     except (zipfile.BadZipFile, OSError) as e:

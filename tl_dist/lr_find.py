@@ -90,7 +90,7 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
     from . import model as model_lib
     from .data import list_splits
     from .distributed import resolve_mixed_precision
-    from .engine import StepContext, _to_device, train_loss
+    from .engine import StepContext, to_device, train_loss
     from .images import SKIP_BAD_IMAGES, screen_files
 
     cfg = model_lib.resolve(cfg)
@@ -128,7 +128,7 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             for g, part in zip(optimizer.param_groups, parts):
                 g["lr"] = lr * base[part] / base[0]
-            x, y, w, _ = _to_device(batch, device, ctx)
+            x, y, w, _ = to_device(batch, device, ctx)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out_ = net(x)
             loss = (train_loss(out_, y, ctx) * w).sum() / w.sum().clamp(min=1)

@@ -66,7 +66,8 @@ class Predictor:
                             f"{first_line(e)}") from None
         return cls(model.to(device), meta, device)
 
-    def _tensor(self, item):
+    def eval_tensor(self, item):
+        """A path or PIL image as the model sees it: the checkpoint's eval transform, uint8 CHW."""
         from PIL import Image
 
         from .augment import eval_transform
@@ -112,7 +113,7 @@ class Predictor:
 
         for i, item in enumerate(items):
             try:
-                ready.append((i, self._tensor(item)))
+                ready.append((i, self.eval_tensor(item)))
             except BadImage as e:
                 results[i] = {"path": _name(item), "error": str(e)}
             if len(ready) >= batch_size:
@@ -148,7 +149,7 @@ def save_plot(predictor: Predictor, results: list[dict], path: str) -> None:
     """The images as the model saw them (the checkpoint's val transform), captioned with the prediction."""
     from .visualize import grid
 
-    tiles = [(predictor._tensor(r["path"]), f"predicted: {r['label']} ({r['prob']:.2f})", None)
+    tiles = [(predictor.eval_tensor(r["path"]), f"predicted: {r['label']} ({r['prob']:.2f})", None)
              for r in results[:16] if "error" not in r]
     if not tiles:
         raise UserError(f"predict: --save-plot {path}: no image could be predicted, nothing to draw")

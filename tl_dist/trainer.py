@@ -137,7 +137,6 @@ class Run:
     """What set-up builds and the epoch loop works with."""
     cfg: Config
     accelerator: object
-    mixed_precision: str
     out: Path
     data: data.Data
     net: torch.nn.Module  # as prepared (DDP-wrapped with several processes)
@@ -280,7 +279,7 @@ def set_up(cfg: Config, lock: checkpoint.RunLock) -> Run:
             ema.load(state.ema, state.ema_updates)
         elif state.epoch >= 0:
             log(f"note: train.ema_decay is new at this resume: the average starts from epoch {state.epoch}'s weights")
-    return Run(cfg, accelerator, mp, out, d, net, optimizer, step, ctx, state, meta, trackers, ema,
+    return Run(cfg, accelerator, out, d, net, optimizer, step, ctx, state, meta, trackers, ema,
                HeadInputs() if keep_features else None)
 
 
