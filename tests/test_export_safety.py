@@ -207,9 +207,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(run, tmp_path, fmt):  # noqa
 def test_a_signal_during_an_export_ends_in_one_line_with_no_temporary_folder(run, tmp_path, signum):  # noqa: F811
     p = export_process(run, tmp_path / "m.pt2", "exported")
     deadline = time.monotonic() + 120
-    while not leftovers(tmp_path) and p.poll() is None and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".m.pt2.*.tmp")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert leftovers(tmp_path), "the export never started writing"
+    assert list(tmp_path.glob(".m.pt2.*.tmp")), "the export never started writing"
     p.send_signal(signum)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signum and "Traceback" not in err, err

@@ -25,10 +25,9 @@ def check_writable(folder: Path, who: str, what: str) -> None:
         probe_in = probe_in.parent
     if not probe_in.is_dir():
         raise UserError(f"{who}: {what} {folder}: {probe_in} is a file, not a folder; choose another place")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".tl_dist-probe.", dir=probe_in)
-        os.close(fd)
-        os.unlink(probe)
+    try:  # an unnamed file where the filesystem has them (O_TMPFILE): nothing to leave behind
+        with tempfile.TemporaryFile(prefix=".tl_dist-probe.", dir=probe_in):
+            pass
     except OSError as e:
         raise UserError(f"{who}: {what} {folder}: cannot write in {probe_in} ({e.strerror}); choose a "
                         f"writable place") from None
