@@ -34,7 +34,7 @@ def drawn(draw, *args, **kwargs) -> None:
     warning line, and the run or evaluation that wanted it carries on."""
     try:
         draw(*args, **kwargs)
-    except (Exception, MemoryError) as e:
+    except Exception as e:  # (MemoryError too: C++'s bad_alloc arrives as one)
         from .errors import first_line, one_line
 
         paths = [a for a in (*args, *kwargs.values()) if isinstance(a, Path)]
@@ -149,18 +149,16 @@ def curves(history: list[dict], path: Path, best_epoch: int | None = None) -> No
 def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     """Counts and the row-normalised view (each true class's share per prediction: its recall on
     the diagonal) side by side; the figure grows with the class count."""
+    totals = cm.double().sum(1, keepdim=True)  # each true class's images (also those predicted as classes left out)
     title_note = ""
     if len(classes) > MATRIX_CLASSES:  # the classes most involved in mistakes, in class order
         errors = cm.double().clone()
         errors.fill_diagonal_(0)
         keep = sorted((errors.sum(0) + errors.sum(1)).topk(MATRIX_CLASSES).indices.tolist())
         title_note = f" ({MATRIX_CLASSES} most confused of {len(classes)} classes)"
-        rows_all = cm.double().sum(1)
-        cm, classes = cm[keep][:, keep], [classes[i] for i in keep]
+        cm, totals, classes = cm[keep][:, keep], totals[keep], [classes[i] for i in keep]
     c = len(classes)
     counts = cm.double()
-    # shares of each true class's images (all of them, also those predicted as classes left out)
-    totals = rows_all[keep][:, None] if title_note else counts.sum(1, keepdim=True)
     rows = counts / totals.clamp(min=1)
     cell = 0.55 if c <= 12 else max(0.28, 6.6 / c)
     label_in = 0.075 * max(len(_short(n)) for n in classes)  # room for the longest label, in inches
