@@ -178,3 +178,35 @@ def test_a_picture_that_cannot_be_drawn_never_fails_the_run(tiny_data, tmp_path,
     assert "warning: confusion_matrix.png could not be drawn" in capsys.readouterr().err
     assert json.loads((tmp_path / "r" / "status.json").read_text())["status"] == "complete"
     assert (tmp_path / "r" / "curves.png").exists()
+
+
+def test_a_folder_no_run_has_used_keeps_its_own_files(one_epoch, tiny_data, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my project's settings\n")
+    assert _run(project, tiny_data, "train.epochs=1") == 2
+    err = _one_error_line(capsys)
+    assert "holds config.yaml, which a run would replace, and no tl_dist run has used it" in err
+    assert (project / "config.yaml").read_text() == "my project's settings\n"
+    assert sorted(p.name for p in project.iterdir()) == ["config.yaml"]  # no lock, no status left behind
+
+
+def test_predict_and_lr_find_replace_only_their_own_pictures(one_epoch, tiny_data, tmp_path, capsys):
+    from tl_dist import lr_find, predict
+    img = str(next((tiny_data / "val" / "ants").iterdir()))
+    photo = tmp_path / "holiday.png"
+    photo.write_bytes(b"\x89PNG not really")
+    assert predict.main([img, "--checkpoint", str(one_epoch), "--save-plot", str(photo)]) == 2
+    assert "holiday.png exists and was not written by tl_dist" in _one_error_line(capsys)
+    assert photo.read_bytes() == b"\x89PNG not really"
+    assert predict.main([img, "--checkpoint", str(one_epoch), "--save-plot", str(photo), "--force"]) == 0
+    assert predict.main([img, "--checkpoint", str(one_epoch), "--save-plot", str(photo)]) == 0  # its own now
+    capsys.readouterr()
+    out = tmp_path / "lr"
+    out.mkdir()
+    (out / "lr_find.json").write_text('{"mine": 1}')
+    assert lr_find.main([str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={tiny_data}", "data.demo=false",
+                         f"train.output_dir={out}", "--steps", "5"]) == 2
+    err = _one_error_line(capsys)
+    assert "lr_find.json exists and was not written by tl_dist" in err and "--force" not in err
+    assert (out / "lr_find.json").read_text() == '{"mine": 1}'

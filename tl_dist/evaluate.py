@@ -121,6 +121,7 @@ OUTPUTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "reliabili
 
 def check_out(out: Path, force: bool) -> None:
     """--out can take the results, and holds nothing they would replace that evaluate did not write."""
+    from . import visualize
     from .outputs import check_writable, refuse_foreign
 
     if out.exists() and not out.is_dir():
@@ -137,7 +138,7 @@ def check_out(out: Path, force: bool) -> None:
                     return f.readline().startswith("path,true,predicted")
             except (OSError, UnicodeDecodeError):
                 return False
-        return earlier
+        return earlier or visualize.is_ours(p)
     refuse_foreign([out / name for name in OUTPUTS], ours, "evaluate", force)
 
 

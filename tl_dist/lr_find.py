@@ -59,6 +59,22 @@ def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
 MAX_STEPS = 10_000  # a range test is ~100 steps; a bound keeps a typo from running for days
 
 
+def check_out(out: Path) -> None:
+    """Before the test: its two files may replace only an earlier range test's."""
+    from .outputs import check_writable, refuse_foreign
+    from .visualize import is_ours
+
+    def ours(p: Path) -> bool:
+        if p.suffix == ".png":
+            return is_ours(p)
+        try:
+            return "suggested" in json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError, TypeError):
+            return False
+    check_writable(out, "lr-find", "train.output_dir")
+    refuse_foreign([out / "lr_find.json", out / "lr_find.png"], ours, "lr-find", force=False, how_to_force=None)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "tl-dist lr-find") -> int:
     try:
         args, rest = parse(argv, prog)
@@ -70,6 +86,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist lr-find") -> in
         from . import config
         path = rest.pop(0) if rest and "=" not in rest[0] else None
         cfg = config.load(path, rest)
+        check_out(Path(cfg.train.output_dir))
         result = run(cfg, args.start_lr, args.end_lr, args.steps)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

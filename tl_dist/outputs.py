@@ -33,7 +33,8 @@ def check_writable(folder: Path, who: str, what: str) -> None:
                         f"writable place") from None
 
 
-def refuse_foreign(paths: list[Path], ours: Callable[[Path], bool], who: str, force: bool) -> None:
+def refuse_foreign(paths: list[Path], ours: Callable[[Path], bool], who: str, force: bool,
+                   how_to_force: str | None = "pass --force to replace it") -> None:
     """Refuse (one line, naming the first) if any existing file of ``paths`` is not one tl_dist wrote,
     unless ``force``. A folder or a link where a file would go is refused even with ``force``."""
     for p in paths:
@@ -42,7 +43,7 @@ def refuse_foreign(paths: list[Path], ours: Callable[[Path], bool], who: str, fo
                             f"tl_dist writes only plain files there: move it away or choose another place")
         if not force and p.exists() and not ours(p):
             raise UserError(f"{who}: {p} exists and was not written by tl_dist; it is left as it is. Choose "
-                            f"another place, move it away, or pass --force to replace it")
+                            f"another place{', move it away, or ' + how_to_force if how_to_force else ' or move it away'}")
 
 
 def remove_stale_temp_dirs(folder: Path, prefix: str) -> None:

@@ -192,7 +192,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predic
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout, nothing else")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--save-plot", metavar="FILE.png", help="draw the images with their predicted class")
+    p.add_argument("--save-plot", metavar="FILE.png", help="draw the images with their predicted class (an "
+                   "existing file only if tl_dist drew it, or with --force)")
+    p.add_argument("--force", action="store_true", help="let --save-plot replace a file tl_dist did not draw")
     p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     return p.parse_args(argv)
 
@@ -207,9 +209,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
         if not args.checkpoint and not args.json:
             print(f"using checkpoint {printable(ckpt)}", file=sys.stderr)
-        if args.save_plot and not Path(args.save_plot).parent.is_dir():
-            raise UserError(f"predict: --save-plot {args.save_plot}: folder {Path(args.save_plot).parent} "
-                            f"does not exist")
+        if args.save_plot:
+            if not Path(args.save_plot).parent.is_dir():
+                raise UserError(f"predict: --save-plot {args.save_plot}: folder {Path(args.save_plot).parent} "
+                                f"does not exist")
+            from .outputs import refuse_foreign
+            from .visualize import is_ours
+            refuse_foreign([Path(args.save_plot)], is_ours, "predict", args.force)
         paths = expand(args.images)
         if not paths:
             raise UserError(f"predict: no image files found in {' '.join(args.images)}")

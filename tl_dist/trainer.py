@@ -313,6 +313,7 @@ def prepare_output_dir(path: Path, lock: checkpoint.RunLock, resume: str) -> Non
     except OSError as e:
         raise UserError(f"train: train.output_dir {path} is not writable: {e.strerror}; "
                         f"choose another with train.output_dir=PATH") from None
+    refuse_foreign_files(path)
     if resume == "none" and (path / "best.safetensors").exists():
         best = checkpoint.read_metadata(path / "best.safetensors")
         raise UserError(f"train: train.resume=none would start afresh in {path}, replacing its run (best val acc "
@@ -321,6 +322,28 @@ def prepare_output_dir(path: Path, lock: checkpoint.RunLock, resume: str) -> Non
     checkpoint.remove_stale_temp_files(path)
     write_status(path, "running")
     lock.segment_started = True  # from here on this run's end is this directory's news
+
+
+# what a run writes into its directory, besides the files checkpoint.RUN_FILES names
+PICTURES = ("train_batch.png", "val_predictions.png", "curves.png", "confusion_matrix.png")
+
+
+def refuse_foreign_files(path: Path) -> None:
+    """A folder no tl_dist run has used must not hold files a run would replace (a project folder's
+    own config.yaml, say). A run's folder, recognised by its status.json or resume state, is its own."""
+    import json
+
+    try:
+        said = json.loads((path / "status.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        said = None
+    if said in ("running", "complete", "interrupted", "failed") or (path / "resume.pt").exists():
+        return
+    names = [n.rstrip(".") for n in checkpoint.RUN_FILES] + ["status.json", *PICTURES]
+    found = [n for n in names if (path / n).exists() or (path / n).is_symlink()]
+    if found:
+        raise UserError(f"train: train.output_dir {path} holds {first_few(found, 4)}, which a run would replace, "
+                        f"and no tl_dist run has used it; choose a new or empty folder, or move them away")
 
 
 def versions() -> dict[str, str]:

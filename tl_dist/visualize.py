@@ -48,8 +48,22 @@ def _short(name: str, n: int = LABEL_CHARS) -> str:
     return name if len(name) <= n else name[:n - 3] + "..."
 
 
+SOFTWARE = "tl_dist"  # in every picture's PNG metadata: how a later command knows the file is its own
+
+
 def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Software": SOFTWARE})
+
+
+def is_ours(path: Path) -> bool:
+    """Whether ``path`` is a picture tl_dist drew (its PNG metadata says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")).startswith(SOFTWARE)
+    except Exception:  # not an image at all, unreadable: not ours
+        return False
 
 
 def _wrap(text: str) -> str:
