@@ -136,11 +136,23 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
     model.train()
     set_train_mode(accelerator.unwrap_model(model), True, ctx.frozen, ctx.frozen_bn)
     train_step.begin_epoch(model, ctx)
-    world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
     bad: list[int] = []
-    stopped, done = False, 0
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+    # (closed however the loop ends, so an error the run prints starts a line of its own)
+    with tqdm(total=len(sampler), desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
+              disable=not accelerator.is_main_process) as bar:
+        stopped = _train_steps(accelerator, model, loader, sampler, train_step, ctx, epoch, bar, bad,
+                               on_window, after_step, should_stop)
+    loss_sum, correct, count = reduce_sum(accelerator, [train_step.epoch_sums()])[0].tolist()
+    n = max(1.0, count)
+    return EpochResult(loss_sum / n, correct / n, int(count), time.perf_counter() - t0,
+                       gather_union(accelerator, bad), stopped)
+
+
+def _train_steps(accelerator, model, loader, sampler, train_step, ctx: StepContext, epoch: int, bar, bad: list[int],
+                 on_window, after_step, should_stop) -> bool:
+    """The epoch's steps; whether a stop was asked for."""
+    world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
+    done = 0
     for step, batch in enumerate(loader):
         x, y, w, failed = to_device(batch, accelerator.device, ctx)
         bad += failed
@@ -162,13 +174,8 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
             after_step()
         bar.update(1)
         if sync and should_stop():
-            stopped = True
-            break
-    bar.close()
-    loss_sum, correct, count = reduce_sum(accelerator, [train_step.epoch_sums()])[0].tolist()
-    n = max(1.0, count)
-    return EpochResult(loss_sum / n, correct / n, int(count), time.perf_counter() - t0,
-                       gather_union(accelerator, bad), stopped)
+            return True
+    return False
 
 
 class HeadInputs:
