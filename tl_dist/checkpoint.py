@@ -37,6 +37,7 @@ META_KEY = "tl_dist"
 # The files a training run writes into its output directory (the pictures are written in place).
 RUN_FILES = ("best.safetensors.", "best.json.", "last.safetensors.", "last.json.", "metrics.jsonl.", "resume.pt.",
              "config.yaml.", "resumes.jsonl.")
+RUN_FILE_NAMES = tuple(f.rstrip(".") for f in RUN_FILES)
 
 
 def fsync_dir(d: Path) -> None:

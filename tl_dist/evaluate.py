@@ -143,11 +143,9 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def _is_metrics(path: Path) -> bool:
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(m, dict) and {"checkpoint", "n", "accuracy", "confusion_matrix"} <= set(m)
+    from .outputs import json_object
+
+    return {"checkpoint", "n", "accuracy", "confusion_matrix"} <= set(json_object(path) or {})
 
 
 def list_labelled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:

@@ -158,12 +158,9 @@ def is_export(path: Path) -> bool:
 
 def is_export_sidecar(path: Path) -> bool:
     from .exported import FORMAT
+    from .outputs import json_object
 
-    try:
-        desc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(desc, dict) and desc.get("format") == FORMAT
+    return (json_object(path) or {}).get("format") == FORMAT
 
 
 def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
@@ -244,10 +241,10 @@ def _export(args) -> int:
         raise UserError(f"export: --out {out}: folder {out.parent} does not exist")
     if out.is_dir():
         raise UserError(f"export: --out {out} is a folder; give a file name")
-    from .checkpoint import RUN_FILES
+    from .checkpoint import RUN_FILE_NAMES
     from .outputs import check_writable, refuse_foreign
 
-    if out.name in {f.rstrip(".") for f in RUN_FILES}:
+    if out.name in RUN_FILE_NAMES:
         raise UserError(f"export: --out {out}: {out.name} is a file training writes (a run's own); it is never an "
                         f"export target, even with --force: choose another name")
     check_writable(out.parent, "export", "--out folder")

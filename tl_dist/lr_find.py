@@ -61,16 +61,13 @@ MAX_STEPS = 10_000  # a range test is ~100 steps; a bound keeps a typo from runn
 
 def check_out(out: Path) -> None:
     """Before the test: its two files may replace only an earlier range test's."""
-    from .outputs import check_writable, refuse_foreign
+    from .outputs import check_writable, json_object, refuse_foreign
     from .visualize import is_ours
 
     def ours(p: Path) -> bool:
         if p.suffix == ".png":
             return is_ours(p)
-        try:
-            return "suggested" in json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError, TypeError):
-            return False
+        return "suggested" in (json_object(p) or {})
     check_writable(out, "lr-find", "train.output_dir")
     refuse_foreign([out / "lr_find.json", out / "lr_find.png"], ours, "lr-find", force=False, how_to_force=None)
 

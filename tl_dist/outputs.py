@@ -9,6 +9,7 @@ for root, read-only mounts or full quotas), and that every file it would replace
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -44,6 +45,16 @@ def refuse_foreign(paths: list[Path], ours: Callable[[Path], bool], who: str, fo
         if not force and p.exists() and not ours(p):
             raise UserError(f"{who}: {p} exists and was not written by tl_dist; it is left as it is. Choose "
                             f"another place{', move it away, or ' + how_to_force if how_to_force else ' or move it away'}")
+
+
+def json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None (missing, unreadable, not JSON, not an object): what the
+    commands read to recognise a file of their own."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def remove_stale_temp_dirs(folder: Path, prefix: str) -> None:

@@ -324,22 +324,15 @@ def prepare_output_dir(path: Path, lock: checkpoint.RunLock, resume: str) -> Non
     lock.segment_started = True  # from here on this run's end is this directory's news
 
 
-# what a run writes into its directory, besides the files checkpoint.RUN_FILES names
-PICTURES = ("train_batch.png", "val_predictions.png", "curves.png", "confusion_matrix.png")
-
-
 def refuse_foreign_files(path: Path) -> None:
     """A folder no tl_dist run has used must not hold files a run would replace (a project folder's
     own config.yaml, say). A run's folder, recognised by its status.json or resume state, is its own."""
-    import json
+    from .outputs import json_object
 
-    try:
-        said = json.loads((path / "status.json").read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        said = None
+    said = (json_object(path / "status.json") or {}).get("status")
     if said in ("running", "complete", "interrupted", "failed") or (path / "resume.pt").exists():
         return
-    names = [n.rstrip(".") for n in checkpoint.RUN_FILES] + ["status.json", *PICTURES]
+    names = [*checkpoint.RUN_FILE_NAMES, "status.json", *(f"{p}.png" for p in tracking.PICTURES)]
     found = [n for n in names if (path / n).exists() or (path / n).is_symlink()]
     if found:
         raise UserError(f"train: train.output_dir {path} holds {first_few(found, 4)}, which a run would replace, "
