@@ -245,6 +245,13 @@ def assert_ranks_in_sync(accelerator, model, epoch: int) -> str | None:
     return digests[0]
 
 
+def spans_machines(accelerator) -> bool:
+    """Whether the job's processes run on more than one machine (the launchers say how many run
+    on this one; without that word, assume they may)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return local is None or not local.isdigit() or int(local) < accelerator.num_processes
+
+
 def check_same_data(accelerator, mine: dict | None) -> None:
     """Every process must train on the same data: a machine with another copy (a class more, a
     re-encoded image) would fail deep inside DDP or, worse, train on silently. Rank 0 compares each

@@ -29,7 +29,8 @@ from . import __version__, checkpoint, config, data, demo, host_memory, recipe, 
 from . import model as model_lib
 from .config import Config
 from .distributed import (StopRequest, agree, as_job_failure, assert_ranks_in_sync, check_same_data, gather_objects,
-                          make_accelerator, note_peers, on_main_then_share, rewrap_unfrozen, share_buffers)
+                          make_accelerator, note_peers, on_main_then_share, rewrap_unfrozen, share_buffers,
+                          spans_machines)
 from .ema import EMA
 from .engine import EagerStep, EpochResult, HeadInputs, StepContext, TrainStep, evaluate, train_one_epoch
 from .errors import UserError, drop_stdout, first_few, first_line, one_line, printable
@@ -369,9 +370,10 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[data.Data, dict | None]
         # (on every node's first rank; the others wait, then all learn of a refusal together)
         agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
     classes, train, val = agree(accelerator, data.list_splits, cfg.data.root)
-    if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the bytes)
+    if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the bytes,
+        # when there are other machines to compare with)
         check_same_data(accelerator, data.identity(cfg.data.root, classes, train, val,
-                                                   deep=accelerator.is_local_main_process))
+                                                   deep=accelerator.is_local_main_process and spans_machines(accelerator)))
     # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
     report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, train, val, log))
     if report.bad:
