@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from tl_dist import config, model
+from tl_dist import config
+from tl_dist.models import backbones, heads, pretrained
 from tl_dist.distributed import resolve_mixed_precision
 
 ARCHS = "resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16,regnet_y_800mf,swin_t"
@@ -75,14 +76,14 @@ def main() -> None:
     print("|---|---|---|---|---|---:|---:|")
     for arch in args.archs.split(","):
         mcfg = config.ModelConfig(arch=arch, weights="none")
-        ref = model.reference_weights(mcfg)
+        ref = pretrained.reference_weights(mcfg)
         tf = ref.transforms()
         size = tf.crop_size[0]
         torch.manual_seed(0)
-        m = model.create(arch, 10, model.arch_kwargs(mcfg, size))
+        m = backbones.create(arch, 10, backbones.arch_kwargs(mcfg, size))
         params = sum(p.numel() for p in m.parameters())
-        ips = images_per_second(m, size, args.batch, args.steps, bf16, model.uses_channels_last(mcfg))
-        print(f"| {arch} | `{model.head_name(m)}` | {frozen_fixes(m)} | {ref.name} | resize {tf.resize_size[0]}, "
+        ips = images_per_second(m, size, args.batch, args.steps, bf16, backbones.uses_channels_last(mcfg))
+        print(f"| {arch} | `{heads.head_name(m)}` | {frozen_fixes(m)} | {ref.name} | resize {tf.resize_size[0]}, "
               f"crop {size}, {tf.interpolation.value} | {params / 1e6:.1f} M | {ips:.1f} |", flush=True)
 
 

@@ -55,7 +55,7 @@ def write_digits(root: Path) -> Path:
 
 
 def write_demo(root: Path) -> Path:
-    from tl_dist import demo
+    from tl_dist.data import demo
 
     if not (root / demo.MARKER).exists():
         demo.generate(str(root), seed=0)

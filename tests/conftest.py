@@ -53,7 +53,7 @@ def _fresh_accelerate_state():
 
 def train_in_process(out, data_dir, *over) -> int:
     """One training run through the CLI's own main() (exit code), on the demo config at test sizes."""
-    from tl_dist import train
+    from tl_dist.commands import train
     return train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={data_dir}",
                        "data.demo=false", f"train.output_dir={out}", "data.batch_size=4", *over])
 

@@ -8,9 +8,11 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from tl_dist import checkpoint, config, model
+from tl_dist.files import checkpoint
+from tl_dist import config
+from tl_dist.models import backbones, heads, pretrained
 from tl_dist.errors import UserError
-from tl_dist.predict import Predictor
+from tl_dist.predictor import Predictor
 
 from .conftest import make_images, run_cli
 from .conftest import train_in_process as _run
@@ -26,7 +28,7 @@ FAMILIES = [
 
 
 def _cfg(*over):
-    return model.resolve(config.load(None, list(over)))
+    return backbones.resolve(config.load(None, list(over)))
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +49,19 @@ def test_every_family_frozen_run_keeps_the_backbone_and_predicts_as_it_scored(ar
     on the val folder scores what best.json says."""
     cfg = _cfg(f"model.arch={arch}", "model.weights=none", f"data.image_size={size}")
     init = tmp_path / "init.safetensors"
-    save_file(model.create(arch, 1000, model.arch_kwargs(cfg.model, size)).state_dict(), str(init))
+    save_file(backbones.create(arch, 1000, backbones.arch_kwargs(cfg.model, size)).state_dict(), str(init))
     out = tmp_path / "run"
     assert _run(out, two_classes, f"model.arch={arch}", f"model.weights={init}", "model.mode=frozen",
                 f"data.image_size={size}", f"data.resize_size={size + size // 8}", "data.mean=null", "data.std=null",
                 "train.epochs=1", "data.batch_size=5", "optim.lr=0.05") == 0
     best = json.loads((out / "best.json").read_text())
-    ref = model.reference_weights(cfg.model).transforms()
+    ref = pretrained.reference_weights(cfg.model).transforms()
     assert (best["image_size"], best["resize_size"]) == (size, size + size // 8)
     assert best["interpolation"] == ref.interpolation.value and best["mean"] == list(ref.mean)
     last, start = load_file(str(out / "last.safetensors")), load_file(str(init))
     head = best["head"]
     assert last[f"{head}.weight"].shape[0] == 2 and start[f"{head}.weight"].shape[0] == 1000
-    backbone = [k for k in last if not model.in_head(k, head)]
+    backbone = [k for k in last if not heads.in_head(k, head)]
     assert backbone and all(torch.equal(last[k], start[k]) for k in backbone), arch
     if norm == "bn":
         assert any(k.endswith("running_mean") for k in backbone)  # BN statistics among what stayed fixed
@@ -78,11 +80,11 @@ def test_every_family_finetune_moves_the_backbone_and_frozen_holds_it(arch, size
     x, y = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
     for mode in ("finetune", "frozen"):
         torch.manual_seed(0)
-        m = model.build(dataclasses.replace(cfg.model, mode=mode), 3, size)
-        head = model.head_name(m)
-        assert model.head_module(m).weight.shape[0] == 3
+        m = backbones.build(dataclasses.replace(cfg.model, mode=mode), 3, size)
+        head = heads.head_name(m)
+        assert heads.head_module(m).weight.shape[0] == 3
         before = {k: v.clone() for k, v in m.state_dict().items()}
-        model.set_train_mode(m, True, frozen=mode == "frozen", frozen_bn="eval")
+        heads.set_train_mode(m, True, frozen=mode == "frozen", frozen_bn="eval")
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01)
         for _ in range(2):  # two: ViT starts its head at zero, so the first step reaches only the head
             opt.zero_grad()
@@ -90,11 +92,11 @@ def test_every_family_finetune_moves_the_backbone_and_frozen_holds_it(arch, size
             opt.step()
         after = m.state_dict()
         moved = {k for k in before if not torch.equal(before[k], after[k])}
-        assert any(model.in_head(k, head) for k in moved), (arch, mode)
+        assert any(heads.in_head(k, head) for k in moved), (arch, mode)
         if mode == "finetune":
-            assert any(not model.in_head(k, head) for k in moved), arch
+            assert any(not heads.in_head(k, head) for k in moved), arch
         else:
-            assert all(model.in_head(k, head) for k in moved), (arch, sorted(moved)[:5])
+            assert all(heads.in_head(k, head) for k in moved), (arch, sorted(moved)[:5])
 
 
 def _no_init(monkeypatch):
@@ -109,20 +111,20 @@ def test_every_classification_model_builds_with_a_new_head(monkeypatch):
     """The head rule picks, for every model torchvision ships, exactly the layers whose shape
     follows the class count (aux classifiers are turned off)."""
     _no_init(monkeypatch)
-    names = model.classification_models()
+    names = backbones.classification_models()
     assert len(names) >= 80
     for arch in names:
-        kw = model.arch_kwargs(config.ModelConfig(arch=arch, weights="none"), 224)
+        kw = backbones.arch_kwargs(config.ModelConfig(arch=arch, weights="none"), 224)
         shapes = []
         for n in (7, 1000):
             try:
                 with torch.device("meta"):
-                    m = model.create(arch, n, kw)
+                    m = backbones.create(arch, n, kw)
             except NotImplementedError:  # built from real tensors (RegNet)
-                m = model.create(arch, n, kw)
+                m = backbones.create(arch, n, kw)
             shapes.append({k: v.shape for k, v in m.state_dict().items()})
-            head = model.head_name(m)
-            assert model.head_module(m).weight.shape[0] == n, arch
+            head = heads.head_name(m)
+            assert heads.head_module(m).weight.shape[0] == n, arch
         follows = {k.rsplit(".", 1)[0] for k in shapes[0] if shapes[0][k] != shapes[1][k]}
         assert follows == {head}, (arch, follows)
 
@@ -166,14 +168,14 @@ def test_offline_weights_name_the_models_own_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     url = torchvision.models.get_model_weights("efficientnet_b0").DEFAULT.url
     with pytest.raises(UserError) as e:
-        model.build(config.ModelConfig(arch="efficientnet_b0"), 2)
+        backbones.build(config.ModelConfig(arch="efficientnet_b0"), 2)
     assert url.rsplit("/", 1)[1] in str(e.value) and str(tmp_path / "hub" / "checkpoints") in str(e.value)
 
 
 def test_transformers_skip_channels_last():
-    assert model.uses_channels_last(config.ModelConfig(arch="convnext_tiny"))
-    assert not model.uses_channels_last(config.ModelConfig(arch="vit_b_16"))
-    assert not model.uses_channels_last(config.ModelConfig(arch="swin_t"))
+    assert backbones.uses_channels_last(config.ModelConfig(arch="convnext_tiny"))
+    assert not backbones.uses_channels_last(config.ModelConfig(arch="vit_b_16"))
+    assert not backbones.uses_channels_last(config.ModelConfig(arch="swin_t"))
 
 
 def test_checkpoint_head_and_constructor_arguments_are_checked(tmp_path):

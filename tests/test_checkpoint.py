@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from tl_dist import checkpoint
+from tl_dist.files import background_writer, checkpoint, resume_file
 from tl_dist.errors import UserError
 
 
@@ -55,11 +55,11 @@ def test_metadata_must_match_weights(tmp_path):
 
 
 def test_resume_state_loads_without_unpickling_code(tmp_path):
-    checkpoint.save_state(tmp_path / "resume.pt", {"epoch": 3, "t": torch.ones(2), "h": [{"a": 1.0}]})
-    assert checkpoint.load_state(tmp_path / "resume.pt")["epoch"] == 3
+    resume_file.save_state(tmp_path / "resume.pt", {"epoch": 3, "t": torch.ones(2), "h": [{"a": 1.0}]})
+    assert resume_file.load_state(tmp_path / "resume.pt")["epoch"] == 3
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="bad.pt"):
-        checkpoint.load_state(tmp_path / "bad.pt")
+        resume_file.load_state(tmp_path / "bad.pt")
 
 
 def test_snapshot_is_not_changed_by_later_in_place_updates():
@@ -67,7 +67,7 @@ def test_snapshot_is_not_changed_by_later_in_place_updates():
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net(torch.ones(1, 3)).sum().backward()
     opt.step()
-    weights, state = checkpoint.snapshot(net.state_dict()), checkpoint.snapshot(opt.state_dict())
+    weights, state = background_writer.snapshot(net.state_dict()), background_writer.snapshot(opt.state_dict())
     w0, m0 = weights["weight"].clone(), state["state"][0]["momentum_buffer"].clone()
     net(torch.ones(1, 3)).sum().backward()
     opt.step()  # changes the weights and the momentum buffers in place
@@ -78,7 +78,7 @@ def test_snapshot_is_not_changed_by_later_in_place_updates():
 
 def test_background_writer_runs_jobs_in_order_one_at_a_time():
     import threading
-    w, done, release = checkpoint.BackgroundWriter(), [], threading.Event()
+    w, done, release = background_writer.BackgroundWriter(), [], threading.Event()
 
     def first():
         release.wait(10)
@@ -93,7 +93,7 @@ def test_background_writer_runs_jobs_in_order_one_at_a_time():
 
 
 def test_background_writer_raises_a_failed_write():
-    w = checkpoint.BackgroundWriter()
+    w = background_writer.BackgroundWriter()
 
     def fail():
         raise UserError("checkpoint: disk full")
@@ -110,8 +110,8 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path):
     (teammates on a shared filesystem read the checkpoints)."""
     import subprocess
     import sys
-    code = ("import os, sys; os.umask(int(sys.argv[2], 8)); from tl_dist import checkpoint; "
-            "checkpoint.atomic_write(sys.argv[1] + '/a.bin', b'x'); open(sys.argv[1] + '/b.bin', 'w').close()")
+    code = ("import os, sys; os.umask(int(sys.argv[2], 8)); from tl_dist.files import atomic; "
+            "atomic.atomic_write(sys.argv[1] + '/a.bin', b'x'); open(sys.argv[1] + '/b.bin', 'w').close()")
     for umask in ("022", "027", "077"):
         d = tmp_path / umask
         d.mkdir()
@@ -121,7 +121,7 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path):
 
 
 def test_a_failed_background_write_is_one_line_naming_the_key_that_writes_between_epochs():
-    w = checkpoint.BackgroundWriter(background=True)
+    w = background_writer.BackgroundWriter(background=True)
 
     def job():
         raise RuntimeError("CUDA error: unspecified launch failure\nmore")

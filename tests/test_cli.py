@@ -2,8 +2,9 @@
 import pytest
 import yaml
 
-from tl_dist import config, model
-from tl_dist.train import flag_overrides
+from tl_dist import config
+from tl_dist.models import backbones
+from tl_dist.commands.train import flag_overrides
 
 from .conftest import ROOT, run_cli
 
@@ -38,7 +39,7 @@ def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):
     expected = config.load(ROOT / "configs" / "frozen.yaml", ["train.epochs=2", "data.batch_size=8",
                                                                f"train.output_dir={out}"])
     printed = config.from_dict(yaml.safe_load(r.stdout))
-    assert printed == model.resolve(expected) and not out.exists()
+    assert printed == backbones.resolve(expected) and not out.exists()
     assert (printed.data.image_size, printed.data.resize_size, printed.data.interpolation) == (224, 256, "bilinear")
 
 

@@ -1,13 +1,14 @@
 import pytest
 
-from tl_dist import config, model
+from tl_dist import config
+from tl_dist.models import backbones
 from tl_dist.errors import UserError
 
 from .conftest import ROOT, run_cli
 
 
 def test_defaults_are_the_seeds_values():
-    c = model.resolve(config.load())  # sizes, interpolation, mean and std: resnet18's ImageNet weights'
+    c = backbones.resolve(config.load())  # sizes, interpolation, mean and std: resnet18's ImageNet weights'
     assert (c.data.image_size, c.data.resize_size, c.data.batch_size, c.data.num_workers) == (224, 256, 4, 4)
     assert (c.data.interpolation, c.data.mean, c.data.std) == ("bilinear", config.IMAGENET_MEAN, config.IMAGENET_STD)
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.001, 0.9, 0.0)
@@ -92,7 +93,7 @@ def test_dump_round_trips():
 def test_backbone_lr_null_means_lr():
     c = config.load(None, ["optim.lr=0.01", "model.mode=frozen_then_finetune", "model.unfreeze_epoch=3"])
     assert c.optim.backbone_lr is None and c.model.unfreeze_epoch == 3
-    from tl_dist.recipe import lrs_at
+    from tl_dist.training.optim import lrs_at
     assert lrs_at(c, 0) == [0.01, 0.01]
     c = config.load(None, ["optim.lr=0.01", "optim.backbone_lr=1e-4", "scheduler.step_size=2"])
     assert lrs_at(c, 2) == pytest.approx([0.001, 1e-5])

@@ -4,7 +4,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from tl_dist import augment, config, data, model
+from tl_dist.data import augment, device_cache, listing, loaders, samplers
+from tl_dist import config
+from tl_dist.models import backbones
 from tl_dist.errors import UserError
 
 from .conftest import make_images
@@ -13,29 +15,29 @@ from .conftest import make_images
 
 def _data_cfg(over):
     """The data section as a run sees it: preprocessing filled in from the model's weights."""
-    return model.resolve(config.load(None, over)).data
+    return backbones.resolve(config.load(None, over)).data
 
 def test_class_mismatch_lists_difference(tmp_path):
     make_images(tmp_path, {"train": {"ants": 2, "bees": 2, "wasps": 1}, "val": {"ants": 1, "bees": 1, "moths": 1}})
     with pytest.raises(UserError, match=r"only in train: \['wasps'\]; only in val: \['moths'\]"):
-        data.list_splits(str(tmp_path))
+        listing.list_splits(str(tmp_path))
 
 
 def test_missing_split_and_empty_split(tmp_path):
     make_images(tmp_path, {"train": {"ants": 2, "bees": 2}})
     with pytest.raises(UserError, match="split folder not found: .*val"):
-        data.list_splits(str(tmp_path))
+        listing.list_splits(str(tmp_path))
     (tmp_path / "val" / "ants").mkdir(parents=True)
     with pytest.raises(UserError, match="is empty"):
-        data.list_splits(str(tmp_path))
+        listing.list_splits(str(tmp_path))
     with pytest.raises(UserError, match="data.root not found"):
-        data.list_splits(str(tmp_path / "nowhere"))
+        listing.list_splits(str(tmp_path / "nowhere"))
 
 
 @pytest.mark.parametrize("n, bs, world", [(22, 4, 2), (13, 2, 3), (5, 4, 2), (8, 4, 2), (1, 1, 4)])
 def test_global_batches_do_not_depend_on_world_size(n, bs, world):
-    single = data.TrainBatchSampler(n, bs * world, 1, 0, seed=3)
-    ranks = [data.TrainBatchSampler(n, bs, world, r, seed=3) for r in range(world)]
+    single = samplers.TrainBatchSampler(n, bs * world, 1, 0, seed=3)
+    ranks = [samplers.TrainBatchSampler(n, bs, world, r, seed=3) for r in range(world)]
     for s in [single, *ranks]:
         s.set_epoch(2)
     per_rank = [list(r) for r in ranks]
@@ -49,13 +51,13 @@ def test_global_batches_do_not_depend_on_world_size(n, bs, world):
 
 
 def test_order_changes_with_epoch_and_seed():
-    a = data.epoch_order(50, 0, 0)
-    assert a != data.epoch_order(50, 0, 1) and a != data.epoch_order(50, 1, 0) and a == data.epoch_order(50, 0, 0)
+    a = samplers.epoch_order(50, 0, 0)
+    assert a != samplers.epoch_order(50, 0, 1) and a != samplers.epoch_order(50, 1, 0) and a == samplers.epoch_order(50, 0, 0)
 
 
 def test_eval_shards_cover_each_sample_once():
     for n, world in [(13, 2), (3, 4), (100, 3)]:
-        idx = [k[0] for r in range(world) for b in data.EvalBatchSampler(n, 4, world, r) for k in b]
+        idx = [k[0] for r in range(world) for b in samplers.EvalBatchSampler(n, 4, world, r) for k in b]
         assert idx == list(range(n))
 
 
@@ -102,23 +104,23 @@ def test_rrc_params_have_torchvisions_distribution():
 
 def test_augmentation_independent_of_workers(tiny_data):
     cfg = _data_cfg(["data.image_size=32", "data.cache=none"])
-    classes, train, val = data.list_splits(str(tiny_data))
+    classes, train, val = listing.list_splits(str(tiny_data))
     batches = []
     for workers in (0, 2):
         cfg.num_workers = workers
-        d = data.build(cfg, classes, train, val, seed=1)
+        d = loaders.build(cfg, classes, train, val, seed=1)
         d.train_sampler.set_epoch(3)
         batches.append(torch.cat([b[0] for b in d.train_loader]))
     assert torch.equal(batches[0], batches[1])
 
 
 def test_cache_gives_same_pixels(tiny_data):
-    classes, train, val = data.list_splits(str(tiny_data))
+    classes, train, val = listing.list_splits(str(tiny_data))
     out = []
     for cache in ("none", "ram"):
         cfg = _data_cfg(["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
                                  f"data.cache={cache}"])
-        d = data.build(cfg, classes, train, val, seed=0)
+        d = loaders.build(cfg, classes, train, val, seed=0)
         assert (d.cache != "none") == (cache == "ram")
         out.append((torch.cat([b[0] for b in d.train_loader]), torch.cat([b[0] for b in d.val_loader])))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
@@ -128,12 +130,12 @@ def test_cache_gives_same_pixels(tiny_data):
 def test_device_path_matches_the_pil_path(tiny_data, interpolation):
     """cache: device draws the same crops and flips as the PIL path; only the resampling runs in
     torch instead of Pillow, so the pixels nearly match. Labels, weights, order and val are exact."""
-    classes, train, val = data.list_splits(str(tiny_data))
+    classes, train, val = listing.list_splits(str(tiny_data))
     out = {}
     for cache in ("ram", "device"):
         cfg = _data_cfg(["data.image_size=32", "data.resize_size=36", "data.num_workers=0",
                          "data.batch_size=5", f"data.cache={cache}", f"data.interpolation={interpolation}"])
-        d = data.build(cfg, classes, train, val, seed=0, world=2, rank=1)
+        d = loaders.build(cfg, classes, train, val, seed=0, world=2, rank=1)
         assert d.cache == cache
         d.train_sampler.set_epoch(2)
         out[cache] = (list(d.train_loader), list(d.val_loader))
@@ -153,21 +155,21 @@ def test_device_path_matches_the_pil_path(tiny_data, interpolation):
 def test_a_device_path_that_disagrees_with_pil_falls_back_to_the_host_path(tiny_data, monkeypatch):
     """The device path checks its first batch against the PIL path; a fault there (here: every image
     flipped) is caught before training and the run gets the host path, with a warning."""
-    from tl_dist import device_data
-    classes, train, val = data.list_splits(str(tiny_data))
-    real = device_data.crop_resize_flip
-    monkeypatch.setattr(device_data, "crop_resize_flip", lambda *a, **k: real(*a, **k).flip(-1))
+    from tl_dist.data import device_cache
+    classes, train, val = listing.list_splits(str(tiny_data))
+    real = device_cache.crop_resize_flip
+    monkeypatch.setattr(device_cache, "crop_resize_flip", lambda *a, **k: real(*a, **k).flip(-1))
     over = ["data.image_size=32", "data.resize_size=36", "data.num_workers=0", "data.batch_size=5"]
-    d = data.build(_data_cfg([*over, "data.cache=device"]), classes, train, val, seed=0)
+    d = loaders.build(_data_cfg([*over, "data.cache=device"]), classes, train, val, seed=0)
     assert d.cache == "ram" and "disagrees with the PIL path on the first batch" in d.warning
-    ref = data.build(_data_cfg([*over, "data.cache=ram"]), classes, train, val, seed=0)
+    ref = loaders.build(_data_cfg([*over, "data.cache=ram"]), classes, train, val, seed=0)
     assert ref.warning is None
     for a, b in zip(d.train_loader, ref.train_loader):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 def test_device_crop_resize_flip_close_to_pil():
-    from tl_dist.device_data import crop_resize_flip
+    from tl_dist.data.device_cache import crop_resize_flip
     rng = np.random.default_rng(0)
     arr = (rng.random((90, 120, 3)) * 40 + np.linspace(0, 200, 120)[None, :, None]).astype(np.uint8)
     img = Image.fromarray(arr)
@@ -186,11 +188,11 @@ def test_cache_auto_picks_the_fastest_place_that_fits(monkeypatch):
     train = [(f"t{i}.jpg", 0) for i in range(1000)]  # 1.44 GB decoded
     sizes = {p: (800, 600) for p, _ in train}
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    place = lambda device, *over: data.cache_place(_data_cfg(list(over)), train, [], sizes, device)  # noqa: E731
-    monkeypatch.setattr(data, "gpu_memory_bytes", lambda device: 4 * 2**30)
+    place = lambda device, *over: loaders.cache_place(_data_cfg(list(over)), train, [], sizes, device)  # noqa: E731
+    monkeypatch.setattr(loaders, "gpu_memory_bytes", lambda device: 4 * 2**30)
     assert place(cuda) == "device"  # 1.44 GB within half of 4 GiB
     assert place(cuda, "data.device_cache_gb=1") == "ram"  # the budget set: not within it; RAM's 4 GiB is
-    monkeypatch.setattr(data, "gpu_memory_bytes", lambda device: 2 * 2**30)
+    monkeypatch.setattr(loaders, "gpu_memory_bytes", lambda device: 2 * 2**30)
     assert place(cuda) == "ram"
     assert place(cuda, "data.device_cache_gb=0", "data.cache_gb=1") == "none"
     assert place(cpu) == "ram"  # never the device cache on the CPU
@@ -201,28 +203,28 @@ def test_a_symlink_loop_in_the_data_tree_is_named_not_followed_forever(tmp_path)
     root = make_images(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
     (root / "train" / "cat" / "loop").symlink_to("..")
     with pytest.raises(UserError, match=r"symbolic link loop: .*through the link .*train/cat/loop\)"):
-        data.list_splits(str(root))
+        listing.list_splits(str(root))
 
 
 def test_linked_folders_are_followed_by_training_and_prediction_alike(tmp_path):
-    from tl_dist.predict import expand
+    from tl_dist.commands.predict import expand
     root = make_images(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
     extra = make_images(tmp_path / "extra", {"more": {"cat": 3}})
     (root / "train" / "cat" / "linked").symlink_to(extra / "more" / "cat")
-    _, train, _ = data.list_splits(str(root))
+    _, train, _ = listing.list_splits(str(root))
     listed = [p for p, _ in train if p.startswith(str(root / "train" / "cat"))]
     assert len(listed) == 5 and expand([str(root / "train" / "cat")]) == listed
 
 
 def test_a_cuda_error_in_the_device_path_is_one_line_naming_the_key(tiny_data, monkeypatch):
-    from tl_dist import device_data
+    pass
 
     def fault(*a, **k):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
-    classes, train, val = data.list_splits(str(tiny_data))
-    d = data.build(_data_cfg(["data.image_size=32", "data.num_workers=0", "data.cache=device"]), classes, train, val,
+    classes, train, val = listing.list_splits(str(tiny_data))
+    d = loaders.build(_data_cfg(["data.image_size=32", "data.num_workers=0", "data.cache=device"]), classes, train, val,
                    seed=0)
-    monkeypatch.setattr(device_data, "crop_resize_flip", fault)
+    monkeypatch.setattr(device_cache, "crop_resize_flip", fault)
     with pytest.raises(UserError) as e:
         next(iter(d.train_loader))
     msg = str(e.value)
@@ -233,8 +235,8 @@ def test_a_cuda_error_in_the_device_path_is_one_line_naming_the_key(tiny_data, m
 @pytest.mark.parametrize("n, bs, world", [(22, 4, 2), (13, 2, 3)])
 def test_the_balanced_sampler_is_one_global_order_with_distinct_draws_for_repeats(n, bs, world):
     labels = [0] * (n - 3) + [1] * 3  # a rare class
-    single = data.TrainBatchSampler(n, bs * world, 1, 0, seed=3, balanced_labels=labels)
-    ranks = [data.TrainBatchSampler(n, bs, world, r, seed=3, balanced_labels=labels) for r in range(world)]
+    single = samplers.TrainBatchSampler(n, bs * world, 1, 0, seed=3, balanced_labels=labels)
+    ranks = [samplers.TrainBatchSampler(n, bs, world, r, seed=3, balanced_labels=labels) for r in range(world)]
     for s in [single, *ranks]:
         s.set_epoch(2)
     per_rank = [list(r) for r in ranks]
@@ -243,11 +245,11 @@ def test_the_balanced_sampler_is_one_global_order_with_distinct_draws_for_repeat
         assert real == [k[:2] for k in batch if k[2] > 0]  # same images and draw keys for any world size
     keys = [k[:2] for b in single for k in b if k[2] > 0]
     assert len(keys) == n and len(set(keys)) == n  # an image drawn twice gets other augmentation draws
-    assert all(e == 2 or e % data.REPEAT_STRIDE == 2 for _, e in keys)
+    assert all(e == 2 or e % samplers.REPEAT_STRIDE == 2 for _, e in keys)
 
 
 def test_the_balanced_sampler_evens_out_the_classes():
     labels = [0] * 90 + [1] * 10
-    drawn = [labels[i] for epoch in range(20) for i in data.balanced_order(labels, 0, epoch)]
+    drawn = [labels[i] for epoch in range(20) for i in samplers.balanced_order(labels, 0, epoch)]
     assert 0.45 < sum(drawn) / len(drawn) < 0.55  # the 10% class drawn about half the time
-    assert data.balanced_order(labels, 0, 1) == data.balanced_order(labels, 0, 1) != data.balanced_order(labels, 0, 2)
+    assert samplers.balanced_order(labels, 0, 1) == samplers.balanced_order(labels, 0, 1) != samplers.balanced_order(labels, 0, 2)

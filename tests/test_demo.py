@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from tl_dist import data, demo
+from tl_dist.data import demo, listing
 from tl_dist.errors import UserError
 
 from .conftest import run_cli
@@ -18,7 +18,7 @@ def _digest(root):
 def test_demo_set_is_seed_shaped_and_deterministic(tmp_path):
     a = demo.generate(tmp_path / "a", n_train=20, n_val=11)
     b = demo.generate(tmp_path / "b", n_train=20, n_val=11)
-    classes, train, val = data.list_splits(str(a))
+    classes, train, val = listing.list_splits(str(a))
     assert classes == ["ants", "bees"] and len(train) == 20 and len(val) == 11
     assert _digest(a) == _digest(b)
     assert demo.generate(a) == a and _digest(a) == _digest(b)  # present: not generated again

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tl_dist import doctor
+from tl_dist.commands import doctor
 
 from .conftest import run_cli
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_dist import evaluate
+from tl_dist.commands import evaluate
 
 from .conftest import free_port, make_images, run_cli
 from .conftest import train_in_process as _run

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from tl_dist import checkpoint, export, exported, model, predict
-from tl_dist.augment import eval_transform
-from tl_dist.images import load_rgb
-from tl_dist.predict import Predictor
+from tl_dist.files import checkpoint, exported
+from tl_dist.commands import export, predict
+from tl_dist.models import backbones
+from tl_dist.data.augment import eval_transform
+from tl_dist.data.images import load_rgb
+from tl_dist.predictor import Predictor
 
 from .conftest import run_cli
 
@@ -21,7 +23,7 @@ def run(tmp_path_factory, tiny_data):
     """A checkpoint as training writes it (BatchNorm statistics moved off their init), at 32 px."""
     out = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    net = model.create("resnet18", 2)
+    net = backbones.create("resnet18", 2)
     with torch.no_grad():  # a few train-mode passes: running statistics a real run would have
         for _ in range(3):
             net(torch.rand(8, 3, 32, 32) * 2 - 1)
@@ -77,7 +79,7 @@ def test_an_onnx_file_alone_gives_the_checkpoints_logits_in_onnxruntime(run, tin
     x = eval_transform(load_rgb(str(img)), 36, 32)[None]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: (x.float() / 255).numpy()})[0]
-    from tl_dist.augment import normalize
+    from tl_dist.data.augment import normalize
     with torch.no_grad():
         want = predictor.model(normalize(x, predictor.meta["mean"], predictor.meta["std"], channels_last=False))
     assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
@@ -94,7 +96,7 @@ def test_uint8_input_runs_on_the_bytes(run, tiny_data, tmp_path):
     img = next((tiny_data / "val" / "ants").iterdir())
     x = eval_transform(load_rgb(str(img)), 36, 32)[None]  # uint8, as the eval transform leaves it
     p = Predictor.from_checkpoint(run, device="cpu")
-    from tl_dist.augment import normalize
+    from tl_dist.data.augment import normalize
     with torch.no_grad():
         assert torch.allclose(program(x), p.model(normalize(x, p.meta["mean"], p.meta["std"], False)), atol=1e-4)
 

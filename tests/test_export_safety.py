@@ -12,7 +12,8 @@ import zipfile
 import pytest
 import torch
 
-from tl_dist import evaluate, export, predict
+from tl_dist.commands import evaluate, export, predict
+from tl_dist import predictor
 
 from .conftest import ROOT
 from .test_export import leftovers, run  # noqa: F401 - the checkpoint fixture
@@ -77,7 +78,7 @@ def test_a_pt2_with_a_pickled_weight_runs_no_code_even_when_trusted(exports, tin
     assert predict.main([img, "--checkpoint", str(hostile), "--trust-code"]) == 2
     one_line_error(capsys, "pickled parts", fqn, "Refused even with --trust-code")
     with pytest.raises(Exception, match="pickled parts"):
-        predict.Predictor.from_checkpoint(hostile, device="cpu", trust_code=True)
+        predictor.Predictor.from_checkpoint(hostile, device="cpu", trust_code=True)
     assert not marker.exists()
     # the file tl-dist export wrote itself has no pickled part, and runs when trusted
     assert predict.main([img, "--checkpoint", str(exports / "m.pt2"), "--trust-code", "--json"]) == 0
@@ -106,7 +107,7 @@ def test_a_torchscript_file_is_a_program_and_runs_only_when_trusted(exports, tin
         one_line_error(capsys, "a TorchScript program", "loading it runs the code inside it", "--trust-code")
     assert not written.exists() and not (tmp_path / "e").exists()
     with pytest.raises(Exception, match="--trust-code"):
-        predict.Predictor.from_checkpoint(hostile, device="cpu")
+        predictor.Predictor.from_checkpoint(hostile, device="cpu")
     assert not written.exists()
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tl_dist import checkpoint
+from tl_dist.files import atomic, checkpoint, resume_file
 
 from .conftest import FAST, ROOT, make_images, run_cli
 from .conftest import train_in_process as _run
@@ -39,7 +39,7 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_epoch(one
     assert "the last good epoch (0) is kept" in err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
     assert [r["epoch"] for r in rows] == [0]
-    assert checkpoint.load_state(out / "resume.pt")["epoch"] == 0
+    assert resume_file.load_state(out / "resume.pt")["epoch"] == 0
     json.loads((out / "best.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in best.json"))
 
 
@@ -54,9 +54,9 @@ def test_a_resume_state_that_does_not_fit_the_model_is_one_line(one_epoch, tiny_
     import shutil
     out = tmp_path / "run"
     shutil.copytree(one_epoch, out)
-    state = checkpoint.load_state(out / "resume.pt")
+    state = resume_file.load_state(out / "resume.pt")
     state["model"]["fc.weight"] = torch.zeros(2, 7)
-    checkpoint.save_state(out / "resume.pt", state)
+    resume_file.save_state(out / "resume.pt", state)
     assert _run(out, tiny_data, "train.epochs=2") == 2
     assert "do not fit resnet18" in _one_error_line(capsys)
     (out / "resume.pt").write_bytes(b"")  # empty: the error handler must not fail on an empty message
@@ -65,13 +65,13 @@ def test_a_resume_state_that_does_not_fit_the_model_is_one_line(one_epoch, tiny_
 
 
 def test_disk_full_when_the_config_is_written_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
-    real = checkpoint.atomic_write_text
+    real = atomic.atomic_write_text
 
     def full(path, text):
         if str(path).endswith("config.yaml"):
             raise OSError(28, "No space left on device")
         real(path, text)
-    monkeypatch.setattr(checkpoint, "atomic_write_text", full)
+    monkeypatch.setattr(atomic, "atomic_write_text", full)
     assert _run(tmp_path / "run", tiny_data, "train.epochs=1") == 2
     assert "config.yaml failed: No space left on device" in _one_error_line(capsys)
 
@@ -192,7 +192,7 @@ def test_a_folder_no_run_has_used_keeps_its_own_files(one_epoch, tiny_data, tmp_
 
 
 def test_predict_and_lr_find_replace_only_their_own_pictures(one_epoch, tiny_data, tmp_path, capsys):
-    from tl_dist import lr_find, predict
+    from tl_dist.commands import lr_find, predict
     img = str(next((tiny_data / "val" / "ants").iterdir()))
     photo = tmp_path / "holiday.png"
     photo.write_bytes(b"\x89PNG not really")

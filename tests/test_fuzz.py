@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from tl_dist import checkpoint, model
+from tl_dist.files import checkpoint
+from tl_dist.models import backbones
 
 from .conftest import ROOT, make_images
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.slow
 CHILD = r'''
 import contextlib, io, json, random, resource, struct, sys
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a runaway allocation fails here, not the machine
-from tl_dist import predict
+from tl_dist.commands import predict
+from tl_dist import predictor
 
 src, image, work, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 blob = open(src, "rb").read()
@@ -91,7 +93,7 @@ def test_damaged_checkpoints_end_in_one_line_never_a_traceback(tmp_path):
             "image_size": 32, "resize_size": 36, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
             "epoch": 3, "val_acc": 0.75, "val_loss": 0.5, "kind": "best"}
     torch.manual_seed(0)
-    checkpoint.save_weights(ckpt, model.create("resnet18", 2).state_dict(), meta)
+    checkpoint.save_weights(ckpt, backbones.create("resnet18", 2).state_dict(), meta)
     image = next((make_images(tmp_path / "img", {"x": {"a": 1}}) / "x" / "a").iterdir())
     r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(image), str(tmp_path), "200"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tl_dist import graphs
+from tl_dist.training import cuda_graphs
 
 from .conftest import train_in_process as _run
 
@@ -20,14 +20,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def count_graph_steps(monkeypatch):
-    monkeypatch.setattr(graphs, "can_capture", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "can_capture", lambda device: True)
     calls = []
-    real = graphs.GraphedStep.step
+    real = cuda_graphs.GraphedStep.step
 
     def step(self, *a):
         calls.append(self.captures)
         return real(self, *a)
-    monkeypatch.setattr(graphs.GraphedStep, "step", step)
+    monkeypatch.setattr(cuda_graphs.GraphedStep, "step", step)
     return calls
 
 
@@ -61,7 +61,7 @@ def test_a_missed_recapture_is_caught():
     """The CPU stand-in checks that nothing a graph bakes in changed under the same key."""
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    g = graphs.GraphedStep(opt, torch.device("cpu"), None, warmup=1, capture=False)
+    g = cuda_graphs.GraphedStep(opt, torch.device("cpu"), None, warmup=1, capture=False)
     g.begin_epoch(net, ("key",))
     x, y, w = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]), torch.ones(4)
     assert not g.can_replay(4)  # no momentum buffers yet: a graph would bake in their creation
@@ -80,7 +80,7 @@ def test_a_missed_recapture_is_caught():
 def test_cuda_graphs_needs_what_it_needs(tiny_data, tmp_path, capsys, monkeypatch):
     assert _run(tmp_path / "a", tiny_data, "train.cuda_graphs=true") == 2
     assert "train.cuda_graphs=true needs a CUDA GPU (this run is on cpu)" in capsys.readouterr().err
-    monkeypatch.setattr(graphs, "can_capture", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "can_capture", lambda device: True)
     assert _run(tmp_path / "b", tiny_data, "train.cuda_graphs=true", "train.grad_accum_steps=2") == 2
     err = capsys.readouterr().err
     assert "train.grad_accum_steps=1 (it is 2)" in err and "CUDA GPU" not in err
@@ -92,14 +92,14 @@ def test_cuda_graphs_needs_what_it_needs(tiny_data, tmp_path, capsys, monkeypatc
 
 
 def test_a_failed_capture_falls_back_to_eager_steps(tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(graphs, "can_capture", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "can_capture", lambda device: True)
 
     def refuse(self, *a):
         self.opt.zero_grad(set_to_none=True)
         for p in self.model.parameters():  # what a capture leaves behind: .grad that hold nothing
             p.grad = torch.full_like(p, float("nan")) if p.requires_grad else None
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-    monkeypatch.setattr(graphs.GraphedStep, "_capture", refuse)
+    monkeypatch.setattr(cuda_graphs.GraphedStep, "_capture", refuse)
     assert _run(tmp_path / "graph", tiny_data, "train.epochs=2", "train.cuda_graphs=true") == 0
     out = capsys.readouterr().out
     assert "warning: train.cuda_graphs: capturing the train step failed" in out and "not permitted" in out
@@ -112,17 +112,17 @@ def test_a_replay_that_disagrees_with_the_eager_step_turns_graphs_off(tiny_data,
     """Each capture's first replay is checked against the same step run eagerly; a graph that
     computes something else (here: a replay that also moves one weight) is dropped, the eager
     result kept, and the run says so."""
-    monkeypatch.setattr(graphs, "can_capture", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "can_capture", lambda device: True)
     assert _run(tmp_path / "eager", tiny_data, "train.epochs=2") == 0
     assert _run(tmp_path / "graph", tiny_data, "train.epochs=2", "train.cuda_graphs=true") == 0
     assert "warning" not in capsys.readouterr().out  # an honest replay passes the check
-    real = graphs.GraphedStep._replay
+    real = cuda_graphs.GraphedStep._replay
 
     def wrong(self):
         real(self)
         with torch.no_grad():
             self.model.fc.bias.add_(1e-3)
-    monkeypatch.setattr(graphs.GraphedStep, "_replay", wrong)
+    monkeypatch.setattr(cuda_graphs.GraphedStep, "_replay", wrong)
     assert _run(tmp_path / "wrong", tiny_data, "train.epochs=2", "train.cuda_graphs=true") == 0
     out = capsys.readouterr().out
     assert "warning: train.cuda_graphs: the captured train step changed fc.bias other than the same step run " \

@@ -4,13 +4,13 @@ import sys
 
 import pytest
 
-from tl_dist.host_memory import keep_freed_memory
+from tl_dist.training.host_memory import keep_freed_memory
 
 # One "step": allocate and touch 184 MiB in blocks the size of activations, then free it all.
 # Counts the page faults of later steps (the first one maps the memory in any case).
 SCRIPT = """
 import resource, sys, torch
-from tl_dist.host_memory import keep_freed_memory
+from tl_dist.training.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():

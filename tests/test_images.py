@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_dist.images import BadImage, check_file, load_rgb, scan_files
+from tl_dist.data.images import BadImage, check_file, load_rgb, scan_files
 
 
 def _jpeg(path, size=(40, 30), **kw):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tl_dist import model
+from tl_dist.models import backbones, heads
 
 from .conftest import FAST, ROOT, accelerate_launch, free_port, make_images, run_cli
 
@@ -34,7 +34,7 @@ def test_two_processes_one_job_one_writer(tiny_data, tmp_path):
 def test_frozen_parity_one_vs_two_processes(tiny_data, tmp_path, cache):
     """1 process with batch 2B == 2 processes with batch B: same fc weights, same val metrics, with the
     PIL data path and with the device path (images held and augmented on the training device)."""
-    save_file(model.create("resnet18", 1000).state_dict(), str(tmp_path / "init.safetensors"))
+    save_file(backbones.create("resnet18", 1000).state_dict(), str(tmp_path / "init.safetensors"))
     common = ("model.mode=frozen", f"model.weights={tmp_path / 'init.safetensors'}", "train.epochs=2",
               "optim.lr=0.05", f"data.cache={cache}")
     one = run_cli("-m", "tl_dist.train", *_args(tiny_data, tmp_path / "one", *common, "data.batch_size=6"))
@@ -176,13 +176,13 @@ UNFREEZE = {"resnet18": ("conv1.weight", "layer4.1.conv2.weight", "layer1.0.bn1.
 def test_frozen_then_finetune_under_ddp(tiny_data, tmp_path, arch):
     """Frozen epochs leave the backbone bit-identical; after the switch it trains, on every rank alike."""
     init = tmp_path / "init.safetensors"
-    save_file(model.create(arch, 1000).state_dict(), str(init))
-    head = model.head_name(model.create(arch, 2))
+    save_file(backbones.create(arch, 1000).state_dict(), str(init))
+    head = heads.head_name(backbones.create(arch, 2))
     common = ("model.mode=frozen_then_finetune", "model.unfreeze_epoch=2", f"model.weights={init}",
               f"model.arch={arch}", "data.batch_size=3", "optim.lr=0.05", "optim.backbone_lr=0.01")
     r = accelerate_launch(2, *_args(tiny_data, tmp_path / "run", *common, "train.epochs=1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    start = {k: v for k, v in load_file(str(init)).items() if not model.in_head(k, head)}
+    start = {k: v for k, v in load_file(str(init)).items() if not heads.in_head(k, head)}
     after_frozen = load_file(str(tmp_path / "run" / "last.safetensors"))
     for k, v in start.items():  # weights and BN buffers alike
         assert torch.equal(after_frozen[k], v), k
@@ -214,7 +214,7 @@ def test_finetune_two_processes_equal_one_process_accumulating(tiny_data, tmp_pa
     """Finetune, no SyncBN: each rank's BatchNorm sees its own B samples, exactly as one process with
     batch B accumulating 2 steps does, so the parameters after an epoch match (not BN running stats)."""
     init = tmp_path / "init.safetensors"
-    save_file(model.create("resnet18", 1000).state_dict(), str(init))
+    save_file(backbones.create("resnet18", 1000).state_dict(), str(init))
     common = ("model.mode=finetune", f"model.weights={init}", "train.epochs=1", "data.batch_size=3",
               "optim.lr=0.02", *recipe)
     one = run_cli("-m", "tl_dist.train", *_args(tiny_data, tmp_path / "one", *common, "train.grad_accum_steps=2"))

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from tl_dist import train
+from tl_dist.commands import train
 
 from .conftest import FAST, ROOT, make_images, run_cli
 
@@ -72,12 +72,13 @@ def test_names_from_files_never_reach_the_terminal_as_control_sequences(tmp_path
     sequences in them are shown escaped in tables and errors, and kept exact in JSON."""
     import torch
 
-    from tl_dist import checkpoint, model
+    from tl_dist.files import checkpoint
+    from tl_dist.models import backbones
     evil = ["ants\x1b]0;pwned\x07", "bees\x1b[2J[bold]x[/bold]"]
     meta = {"classes": evil, "num_classes": 2, "arch": "resnet18", "image_size": 32, "resize_size": 36,
             "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.manual_seed(0)
-    checkpoint.save_weights(tmp_path / "best.safetensors", model.create("resnet18", 2).state_dict(), meta)
+    checkpoint.save_weights(tmp_path / "best.safetensors", backbones.create("resnet18", 2).state_dict(), meta)
     img = next((tiny_data / "val" / "ants").iterdir())
     missing = tmp_path / "gone\x1b[31m.jpg"
     r = run_cli("-m", "tl_dist.predict", str(img), str(missing), "--checkpoint", str(tmp_path), "--topk", "2")

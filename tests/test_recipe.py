@@ -12,10 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tl_dist import config, model, recipe, train
-from tl_dist.evaluate import classification_metrics
-from tl_dist.runstate import RunState
-from tl_dist.trainer import macro_f1, stops_early
+from tl_dist import config
+from tl_dist.models import backbones
+from tl_dist.training import optim
+from tl_dist.commands import train
+from tl_dist.commands.evaluate import classification_metrics
+from tl_dist.training.run_state import RunState
+from tl_dist.training.reporting import macro_f1
+from tl_dist.training.trainer import stops_early
 
 from .conftest import FAST, ROOT, train_in_process
 
@@ -35,31 +39,31 @@ def cfg_of(*over):
 def test_cosine_with_warmup_is_its_closed_form(t, want):
     # warm-up over 1 epoch from 1% of the base, then half a cosine over the remaining 9 epochs
     cfg = cfg_of("scheduler.name=cosine", "scheduler.warmup_epochs=1", "optim.lr=0.2", "optim.backbone_lr=0.02")
-    head, backbone = recipe.lrs_at(cfg, int(t), t)
+    head, backbone = optim.lrs_at(cfg, int(t), t)
     assert head == pytest.approx(0.2 * want, abs=1e-12) and backbone == pytest.approx(0.02 * want, abs=1e-12)
 
 
 def test_step_onecycle_and_constant_are_their_closed_forms():
     step = cfg_of("scheduler.step_size=3", "scheduler.gamma=0.5", "scheduler.warmup_epochs=0.5")
-    assert recipe.lrs_at(step, 0, 0.0)[0] == pytest.approx(0.001 * 0.01)
-    assert recipe.lrs_at(step, 0, 0.25)[0] == pytest.approx(0.001 * (0.01 + 0.99 * 0.5))
-    assert recipe.lrs_at(step, 4, 4.7)[0] == pytest.approx(0.001 * 0.5)  # StepLR: per epoch, not per step
-    assert recipe.lrs_at(step, 6, 6.0)[0] == pytest.approx(0.001 * 0.25)
+    assert optim.lrs_at(step, 0, 0.0)[0] == pytest.approx(0.001 * 0.01)
+    assert optim.lrs_at(step, 0, 0.25)[0] == pytest.approx(0.001 * (0.01 + 0.99 * 0.5))
+    assert optim.lrs_at(step, 4, 4.7)[0] == pytest.approx(0.001 * 0.5)  # StepLR: per epoch, not per step
+    assert optim.lrs_at(step, 6, 6.0)[0] == pytest.approx(0.001 * 0.25)
     one = cfg_of("scheduler.name=onecycle", "scheduler.pct_start=0.3")
-    assert recipe.lrs_at(one, 0, 0.0)[0] == pytest.approx(0.001 / 25)
-    assert recipe.lrs_at(one, 3, 3.0)[0] == pytest.approx(0.001)
-    assert recipe.lrs_at(one, 6, 6.5)[0] == pytest.approx(0.001 * (1 / 25e4 + (1 - 1 / 25e4) * 0.5))
-    assert recipe.lrs_at(cfg_of("scheduler.name=constant"), 9, 9.9) == [0.001, 0.001]
+    assert optim.lrs_at(one, 0, 0.0)[0] == pytest.approx(0.001 / 25)
+    assert optim.lrs_at(one, 3, 3.0)[0] == pytest.approx(0.001)
+    assert optim.lrs_at(one, 6, 6.5)[0] == pytest.approx(0.001 * (1 / 25e4 + (1 - 1 / 25e4) * 0.5))
+    assert optim.lrs_at(cfg_of("scheduler.name=constant"), 9, 9.9) == [0.001, 0.001]
     # without a warm-up, the tutorial's StepLR is exactly what it was: the same floats
     plain = cfg_of("scheduler.step_size=7")
-    assert recipe.lrs_at(plain, 8, 8.5) == [0.001 * 0.1 ** 1] * 2
-    assert not recipe.varies_within_epoch(plain) and recipe.varies_within_epoch(step)
+    assert optim.lrs_at(plain, 8, 8.5) == [0.001 * 0.1 ** 1] * 2
+    assert not optim.varies_within_epoch(plain) and optim.varies_within_epoch(step)
 
 
 def test_optimizer_groups_keep_biases_and_norms_out_of_weight_decay():
-    net = model.create("resnet18", 3)
+    net = backbones.create("resnet18", 3)
     cfg = cfg_of(*RECIPE)
-    opt = recipe.build_optimizer(net, cfg)
+    opt = optim.build_optimizer(net, cfg)
     assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 4
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {id(p): n for n, p in net.named_parameters()}
@@ -67,14 +71,14 @@ def test_optimizer_groups_keep_biases_and_norms_out_of_weight_decay():
     assert all(names[i].endswith("weight") and net.get_parameter(names[i]).ndim > 1 for i in decayed)
     assert len(decayed) + sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] == 0) == \
         len(list(net.parameters()))
-    recipe.set_lrs(opt, cfg_of(*RECIPE, "optim.backbone_lr=0.0001"), 5, 5.0)
+    optim.set_lrs(opt, cfg_of(*RECIPE, "optim.backbone_lr=0.0001"), 5, 5.0)
     assert [g["lr"] > 1e-4 for g in opt.param_groups] == [True, True, False, False]  # head, head, backbone x2
-    sgd = recipe.build_optimizer(net, cfg_of("optim.nesterov=true"))
+    sgd = optim.build_optimizer(net, cfg_of("optim.nesterov=true"))
     assert sgd.param_groups[0]["nesterov"] and len(sgd.param_groups) == 2
 
 
 def test_balanced_class_weights_and_macro_f1():
-    w = recipe.class_weights([0, 0, 0, 1], 3)
+    w = optim.class_weights([0, 0, 0, 1], 3)
     assert w.tolist() == pytest.approx([4 / 6, 2.0, 0.0])  # class 2 has no train image
     confusion = torch.tensor([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
     logits = torch.cat([torch.eye(3)[p].repeat(int(n), 1) * 5 for row in confusion.tolist()
@@ -84,7 +88,7 @@ def test_balanced_class_weights_and_macro_f1():
 
 
 def test_ema_follows_its_closed_form_and_copies_counters():
-    from tl_dist.ema import EMA
+    from tl_dist.training.ema import EMA
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = EMA(net, decay=0.9)
     start = net[0].weight.detach().clone()
@@ -101,7 +105,7 @@ def test_ema_follows_its_closed_form_and_copies_counters():
 
 @pytest.mark.slow
 def test_with_ema_the_saved_weights_are_the_average_that_was_evaluated(tiny_data, tmp_path):
-    from tl_dist import evaluate
+    from tl_dist.commands import evaluate
     assert train_in_process(tmp_path / "run", tiny_data, "train.ema_decay=0.9", "train.epochs=2") == 0
     resume = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
     last = load_file(str(tmp_path / "run" / "last.safetensors"))
@@ -122,7 +126,7 @@ def test_augmentation_policies_draw_only_from_the_sample(policy):
 
     from PIL import Image
 
-    from tl_dist.augment import policy_ops, sample_rng, train_transform
+    from tl_dist.data.augment import policy_ops, sample_rng, train_transform
     cfg = config.load(None, [f"data.augment={policy}", "data.random_erasing=0.5", "data.image_size=32",
                              "data.resize_size=36", "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]",
                              "data.interpolation=bilinear"]).data
@@ -141,20 +145,20 @@ def test_augmentation_policies_draw_only_from_the_sample(policy):
 
 
 def test_host_only_augmentation_leaves_the_device_path_and_says_so(tiny_data):
-    from tl_dist import data
-    classes, train, val = data.list_splits(str(tiny_data))
+    from tl_dist.data import listing, loaders
+    classes, train, val = listing.list_splits(str(tiny_data))
     cfg = config.load(None, ["data.image_size=32", "data.resize_size=36", "data.num_workers=0", "data.cache=device",
                              "data.augment=randaugment", "data.interpolation=bilinear", "data.mean=[0.5,0.5,0.5]",
                              "data.std=[0.2,0.2,0.2]"]).data
-    d = data.build(cfg, classes, train, val, seed=0)
+    d = loaders.build(cfg, classes, train, val, seed=0)
     assert d.cache == "ram" and "data.augment=randaugment runs on the host" in d.warning
 
 
 def test_mixup_and_cutmix_mix_each_batch_with_itself_shifted_and_mix_the_loss():
     import torch.nn.functional as F
 
-    from tl_dist import mixing
-    from tl_dist.engine import StepContext, train_loss
+    from tl_dist.training import mixing
+    from tl_dist.training.engine import StepContext, train_loss
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
     kinds = {mixing.draw(0, 0, m, 0.2, 1.0, 1.0, 8, 8)[0] for m in range(40)}
     assert kinds == {"mixup", "cutmix"}
@@ -179,7 +183,7 @@ def test_mixup_and_cutmix_mix_each_batch_with_itself_shifted_and_mix_the_loss():
 
 def test_cuda_graphs_name_every_recipe_option_they_cannot_replay():
     from tl_dist.errors import UserError
-    from tl_dist.graphs import check_cuda_graphs
+    from tl_dist.training.cuda_graphs import check_cuda_graphs
     cfg = cfg_of("train.cuda_graphs=true", "optim.name=adamw", "scheduler.name=cosine", "train.mixup_alpha=0.2")
     with pytest.raises(UserError) as e:
         check_cuda_graphs(cfg, torch.device("cpu"), 1, "no")
@@ -268,7 +272,7 @@ def test_every_recipe_option_resumes_bit_identical_after_sigkill(tiny_data, tmp_
 
 
 def test_lr_find_suggests_inside_the_falling_stretch():
-    from tl_dist.lr_find import suggestion
+    from tl_dist.training.lr_range import suggestion
     lrs = [1e-6 * 10 ** (i / 10) for i in range(60)]  # 1e-6 .. ~1e-0.1
     loss = [2.0 if lr < 1e-4 else (2.0 - (math.log10(lr) + 4) if lr < 1e-2 else 0.5 + (math.log10(lr) + 2) ** 2)
             for lr in lrs]  # flat, falls from 1e-4 to 1e-2, then rises
@@ -278,7 +282,7 @@ def test_lr_find_suggests_inside_the_falling_stretch():
 
 @pytest.mark.slow
 def test_lr_find_writes_its_two_files_and_nothing_else(tiny_data, tmp_path, capsys):
-    from tl_dist import lr_find
+    from tl_dist.commands import lr_find
     out = tmp_path / "run"
     assert lr_find.main([str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={tiny_data}", "data.demo=false",
                          f"train.output_dir={out}", "--steps", "20", "--end-lr", "1"]) == 0

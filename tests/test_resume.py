@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tl_dist import runs
+from tl_dist.commands import runs
 
 from .conftest import FAST, ROOT
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tl_dist import train
+from tl_dist.commands import train
 
 from .conftest import ROOT, train_in_process
 

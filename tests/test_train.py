@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tl_dist import checkpoint, model, trainer
-from tl_dist.predict import Predictor
+from tl_dist.files import checkpoint, resume_file, run_dir
+from tl_dist.models import backbones
+from tl_dist.training import trainer
+from tl_dist.predictor import Predictor
 
 from .conftest import FAST, ROOT, make_images
 from .conftest import train_in_process as _run
@@ -45,7 +47,7 @@ def test_run_directory_and_metadata(finetune_run, tiny_data):
     assert json.loads((out / "last.json").read_text())["epoch"] == 2
     # The weights file carries the same description in its own header.
     assert checkpoint.read_metadata(out / "best.safetensors") == best
-    assert list(load_file(str(out / "best.safetensors")))[0].split(".")[0] in dict(model.create("resnet18", 2).named_children())
+    assert list(load_file(str(out / "best.safetensors")))[0].split(".")[0] in dict(backbones.create("resnet18", 2).named_children())
 
 
 def test_pictures_written(finetune_run):
@@ -78,21 +80,21 @@ def test_failed_checkpoint_write_stops_the_run_and_loses_no_epoch(tiny_data, tmp
     write stops the run with a clear error, the epoch before stays resumable, and the same command
     then finishes the run."""
     monkeypatch.setattr(trainer, "write_in_background", lambda: background)
-    real, calls = checkpoint.save_state, []
+    real, calls = resume_file.save_state, []
 
     def disk_full_at_epoch_1(path, state):
         calls.append(state["epoch"])
         if state["epoch"] == 1:
             raise OSError(28, "No space left on device")
         real(path, state)
-    monkeypatch.setattr(checkpoint, "save_state", disk_full_at_epoch_1)
+    monkeypatch.setattr(resume_file, "save_state", disk_full_at_epoch_1)
     out = tmp_path / "run"
     assert _run(out, tiny_data, "train.epochs=4") == 2
     err = capsys.readouterr().err
     assert "writing epoch 1's files in" in err and "No space left on device" in err and str(out) in err
     assert calls == [0, 1]  # stopped at the next epoch boundary, before writing another epoch
-    assert checkpoint.load_state(out / "resume.pt")["epoch"] == 0
-    monkeypatch.setattr(checkpoint, "save_state", real)
+    assert resume_file.load_state(out / "resume.pt")["epoch"] == 0
+    monkeypatch.setattr(resume_file, "save_state", real)
     assert _run(out, tiny_data, "train.epochs=4") == 0
     assert "after epoch 0" in capsys.readouterr().out  # "resuming ... after epoch 0"
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +102,7 @@ def test_failed_checkpoint_write_stops_the_run_and_loses_no_epoch(tiny_data, tmp
 
 
 def test_frozen_backbone_and_bn_buffers_bit_identical(tiny_data, tmp_path):
-    init = model.create("resnet18", 1000).state_dict()
+    init = backbones.create("resnet18", 1000).state_dict()
     save_file(init, str(tmp_path / "init.safetensors"))
     assert _run(tmp_path / "run", tiny_data, "model.mode=frozen", "train.epochs=2",
                 f"model.weights={tmp_path / 'init.safetensors'}") == 0
@@ -145,7 +147,7 @@ def test_resume_refuses_other_mode(finetune_run, tiny_data, capsys):
 
 def test_grad_accumulation_matches_larger_batch(tiny_data, tmp_path):
     """k accumulated micro-batches == one k-times-larger batch (frozen: BN fixed, so exact in fp32)."""
-    save_file(model.create("resnet18", 1000).state_dict(), str(tmp_path / "init.safetensors"))
+    save_file(backbones.create("resnet18", 1000).state_dict(), str(tmp_path / "init.safetensors"))
     common = ("model.mode=frozen", f"model.weights={tmp_path / 'init.safetensors'}", "train.epochs=1",
               "optim.lr=0.05")
     assert _run(tmp_path / "big", tiny_data, *common, "data.batch_size=6") == 0
@@ -178,7 +180,7 @@ def test_frozen_val_features_reused_bit_for_bit(tiny_data, tmp_path):
     """Frozen: from epoch 2 on, eval runs fc on the kept val features; the numbers are the same as
     running the whole network (cache_gb=0 keeps nothing)."""
     init = tmp_path / "init.safetensors"
-    save_file(model.create("resnet18", 1000).state_dict(), str(init))
+    save_file(backbones.create("resnet18", 1000).state_dict(), str(init))
     common = ("model.mode=frozen", f"model.weights={init}", "train.epochs=3", "optim.lr=0.05")
     assert _run(tmp_path / "kept", tiny_data, *common) == 0
     assert _run(tmp_path / "full", tiny_data, *common, "data.cache_gb=0") == 0
@@ -218,7 +220,7 @@ def test_a_new_run_removes_temp_files_a_killed_run_left_and_prints_whole_paths(t
 def test_a_second_run_into_a_locked_run_directory_is_refused_before_touching_it(finetune_run, tiny_data, capsys):
     """Two runs into one output_dir would interleave their files: while one holds the directory,
     another gets one line naming the holder and changes nothing there."""
-    holder = checkpoint.RunLock()
+    holder = run_dir.RunLock()
     holder.acquire(finetune_run)
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in finetune_run.iterdir()}
     try:
@@ -235,7 +237,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_data, tmp_path):
     """The kernel drops a killed process's lock; the next run goes ahead."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from tl_dist.checkpoint import RunLock; p = Path(sys.argv[1]); p.mkdir(); "
+                               "from tl_dist.files.run_dir import RunLock; p = Path(sys.argv[1]); p.mkdir(); "
                                "RunLock().acquire(p); print('locked', flush=True); time.sleep(60)", str(out)],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline().strip() == "locked"

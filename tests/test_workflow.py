@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tl_dist import checkpoint, evaluate, export, runs
-from tl_dist.predict import Predictor
+from tl_dist.files import checkpoint
+from tl_dist.commands import evaluate, export, runs
+from tl_dist.predictor import Predictor
 
 from .conftest import train_in_process
 

@@ -1,6 +1,6 @@
 """python -m tl_dist: the same as the tl-dist command."""
 import sys
 
-from .cli import main
+from tl_dist.cli import main
 
 sys.exit(main())

@@ -17,17 +17,17 @@ import importlib
 import sys
 from typing import Sequence
 
-from . import __version__
+from tl_dist import __version__
 
 # name -> (module with main(argv, prog), one line for the listing)
 COMMANDS = {
-    "train": ("tl_dist.train", "fine-tune or train a frozen-backbone classifier from a YAML config"),
-    "predict": ("tl_dist.predict", "predict image classes with a checkpoint (needs nothing else)"),
-    "lr-find": ("tl_dist.lr_find", "the learning-rate range test for a config: a suggested optim.lr and its curve"),
-    "evaluate": ("tl_dist.evaluate", "measure a checkpoint on a labelled folder: metrics, errors, calibration"),
-    "export": ("tl_dist.export", "export a checkpoint to ONNX, TorchScript or torch.export, checked before it is kept"),
-    "runs": ("tl_dist.runs", "the runs under a folder (runs/): arch, epochs, best val acc, status, size"),
-    "doctor": ("tl_dist.doctor", "this machine's environment, and a self-test of every feature it can run"),
+    "train": ("tl_dist.commands.train", "fine-tune or train a frozen-backbone classifier from a YAML config"),
+    "predict": ("tl_dist.commands.predict", "predict image classes with a checkpoint (needs nothing else)"),
+    "lr-find": ("tl_dist.commands.lr_find", "the learning-rate range test for a config: a suggested optim.lr and its curve"),
+    "evaluate": ("tl_dist.commands.evaluate", "measure a checkpoint on a labelled folder: metrics, errors, calibration"),
+    "export": ("tl_dist.commands.export", "export a checkpoint to ONNX, TorchScript or torch.export, checked before it is kept"),
+    "runs": ("tl_dist.commands.runs", "the runs under a folder (runs/): arch, epochs, best val acc, status, size"),
+    "doctor": ("tl_dist.commands.doctor", "this machine's environment, and a self-test of every feature it can run"),
 }
 
 

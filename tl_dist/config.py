@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from tl_dist.errors import UserError
 
 MAX_IMAGE_SIZE = 4096  # larger crops would allocate gigabytes per image
 MAX_MIX_ALPHA = 100.0  # Beta(alpha, alpha) for MixUp / CutMix: recipes use 0.1..2; past ~1e300 Python's draw never returns

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, gather_object
 
-from . import model as model_lib
-from . import tracking
-from .config import Config
-from .errors import UserError, first_line
+from tl_dist.models import heads
+from tl_dist import tracking
+from tl_dist.config import Config
+from tl_dist.errors import UserError, first_line
 
 GRACE_SECONDS = 20.0  # after a stop signal, exit even if no step boundary was reached by then
 
@@ -119,7 +119,7 @@ def rewrap_unfrozen(accelerator, net):
     wrapped again; the new wrapper registers every parameter (the ranks hold equal weights already).
     """
     inner = accelerator.unwrap_model(net)
-    model_lib.set_frozen(inner, False)
+    heads.set_frozen(inner, False)
     return accelerator.prepare_model(inner) if accelerator.num_processes > 1 else net
 
 
@@ -309,7 +309,7 @@ def note_peers(accelerator) -> None:
 
 def gone_peers() -> list[str]:
     """The ranks on this machine whose process has ended, as "rank R (pid P)"."""
-    from .outputs import alive
+    from tl_dist.files.outputs import alive
 
     here = socket.gethostname()
     return [f"rank {r} (pid {pid})" for r, (host, pid) in enumerate(_PEERS)

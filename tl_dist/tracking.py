@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from tl_dist.errors import UserError
+from tl_dist.files.run_dir import PICTURES
 
 PROJECT = "tl_dist"  # TensorBoard: the sub-folder of the run directory; W&B and others: the project
-PICTURES = ("curves", "confusion_matrix", "val_predictions", "train_batch")
 
 
 def accelerator_kwargs(log_with: list[str], output_dir: str) -> dict:
@@ -39,7 +39,7 @@ def accelerator_kwargs(log_with: list[str], output_dir: str) -> dict:
             raise UserError(f"config: train.log_with: {name} is not installed ({extra}), or remove it from "
                             f"train.log_with")
     if "tensorboard" in log_with:  # its event files go into output_dir/tl_dist: that place must take them
-        from .outputs import check_writable
+        from tl_dist.files.outputs import check_writable
 
         folder = Path(output_dir) / PROJECT
         if folder.exists() and not folder.is_dir():

@@ -19,8 +19,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .augment import normalize
-from .data import ImageDataset, epoch_order
+from tl_dist.data.augment import normalize
+from tl_dist.data.loaders import ImageDataset
+from tl_dist.data.samplers import epoch_order
 
 GREEN, RED, BLACK = "#1e8c3c", "#c82828", "#141414"
 TRAIN, VAL = "#2a5ad0", "#e6781e"
@@ -35,7 +36,7 @@ def drawn(draw, *args, **kwargs) -> None:
     try:
         draw(*args, **kwargs)
     except Exception as e:  # (MemoryError too: C++'s bad_alloc arrives as one)
-        from .errors import first_line, one_line
+        from tl_dist.errors import first_line, one_line
 
         paths = [a for a in (*args, *kwargs.values()) if isinstance(a, Path)]
         name = paths[-1].name if paths else f"the {getattr(draw, '__name__', 'picture').replace('_', ' ')} picture"

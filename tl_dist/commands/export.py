@@ -34,11 +34,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError, first_line, one_line, printable
+from tl_dist.errors import UserError, first_line, one_line, printable
+
 
 TOLERANCE = 1e-4  # largest |logit difference| accepted, fp32; relative to the largest logit past 1
+
+
 CHECK_IMAGES = 8
+
+
 OPSET = 18
+
+
 LATENCY_BUDGET_S = 1.0  # per measurement: a bound for large models on a laptop
 
 
@@ -48,7 +55,7 @@ class ExportFailed(Exception):
 
 def check_images(paths: list[str], meta: dict, given: bool) -> tuple[list[str], str]:
     """Up to CHECK_IMAGES image files, spread over the listing (so over the classes), and where from."""
-    from .images import list_images
+    from tl_dist.data.images import list_images
 
     if given:
         found = [f for p in paths for f in (list_images(p) if os.path.isdir(p) else [p])]
@@ -128,8 +135,8 @@ def sidecar(out: Path) -> Path:
 def move_into_place(tmp: Path, out: Path, force: bool) -> list[Path]:
     """The files of ``tmp`` into out's folder: data files first, the model file last, each by rename.
     A data file (ONNX's external weights) replaces only one an earlier export at ``out`` wrote."""
-    from .checkpoint import fsync_dir
-    from .outputs import refuse_foreign
+    from tl_dist.files.atomic import fsync_dir
+    from tl_dist.files.outputs import refuse_foreign
 
     files = sorted(tmp.iterdir(), key=lambda p: p.name == out.name)
     earlier_export = out.exists()  # (checked to be tl_dist's before any work)
@@ -146,7 +153,7 @@ def move_into_place(tmp: Path, out: Path, force: bool) -> list[Path]:
 
 def is_export(path: Path) -> bool:
     """Whether ``path`` is a file tl-dist export wrote (it carries tl_dist's description)."""
-    from .exported import FORMAT, format_of, onnx_description, zip_description
+    from tl_dist.files.exported import FORMAT, format_of, onnx_description, zip_description
 
     try:
         if format_of(path) == "onnx":
@@ -157,14 +164,14 @@ def is_export(path: Path) -> bool:
 
 
 def is_export_sidecar(path: Path) -> bool:
-    from .exported import FORMAT
-    from .outputs import json_object
+    from tl_dist.files.exported import FORMAT
+    from tl_dist.files.outputs import json_object
 
     return (json_object(path) or {}).get("format") == FORMAT
 
 
 def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
-    from .exported import SUFFIXES
+    from tl_dist.files.exported import SUFFIXES
 
     p = argparse.ArgumentParser(prog=prog, description="Export a checkpoint for other runtimes, checked against "
                                 "the eager model before it is put in place.")
@@ -221,15 +228,15 @@ class Stopped(BaseException):
 
 
 def _export(args) -> int:
-    from .exported import SUFFIXES, format_of, missing_onnx_packages
+    from tl_dist.files.exported import SUFFIXES, format_of, missing_onnx_packages
 
     fmt = args.format
     if fmt == "onnx" and missing_onnx_packages():
         raise UserError(f"export: --format onnx needs {', '.join(missing_onnx_packages())}: "
                         f"pip install 'tl_dist[export]' (or pip install onnx onnxscript onnxruntime)")
-    from . import checkpoint
+    from tl_dist.files import checkpoint
 
-    ckpt = checkpoint.resolve(args.checkpoint)
+    ckpt = checkpoint.locate(args.checkpoint)
     if format_of(ckpt) is not None:
         raise UserError(f"export: {ckpt} is already an exported file; export from the run directory or its "
                         f"best.safetensors")
@@ -241,8 +248,8 @@ def _export(args) -> int:
         raise UserError(f"export: --out {out}: folder {out.parent} does not exist")
     if out.is_dir():
         raise UserError(f"export: --out {out} is a folder; give a file name")
-    from .checkpoint import RUN_FILE_NAMES
-    from .outputs import check_writable, refuse_foreign
+    from tl_dist.files.run_dir import RUN_FILE_NAMES
+    from tl_dist.files.outputs import check_writable, refuse_foreign
 
     if out.name in RUN_FILE_NAMES:
         raise UserError(f"export: --out {out}: {out.name} is a file training writes (a run's own); it is never an "
@@ -256,10 +263,10 @@ def _export(args) -> int:
 def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
     import torch
 
-    from . import __version__
-    from .checkpoint import atomic_write_text
-    from .exported import FORMAT, Deployable, ExportedModel, as_input, input_spec
-    from .predict import Predictor
+    from tl_dist import __version__
+    from tl_dist.files.atomic import atomic_write_text
+    from tl_dist.files.exported import FORMAT, Deployable, ExportedModel, as_input, input_spec
+    from tl_dist.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(ckpt, device="cpu")
     meta = predictor.meta
@@ -287,7 +294,7 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
                             "torch": torch.__version__}
     example = as_input(real[:2] if dynamic else real[:1], spec)
 
-    from .outputs import remove_stale_temp_dirs
+    from tl_dist.files.outputs import remove_stale_temp_dirs
 
     remove_stale_temp_dirs(out.parent, out.name)
     try:  # the pid in the name tells the next export whether its maker is gone
@@ -358,7 +365,7 @@ def measure(eager, loaded, spec: dict, size: int, dynamic: bool) -> dict[str, di
 
 
 def report(ckpt: Path, out: Path, placed: list[Path], fmt: str, desc: dict, seconds: float, timings: dict) -> None:
-    from .exported import PROGRAMS
+    from tl_dist.files.exported import PROGRAMS
 
     spec, check = desc["input"], desc["check"]
     mb = sum(p.stat().st_size for p in placed) / 1e6

@@ -27,9 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import one_line
+from tl_dist.errors import one_line
+
 
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
+
+
 EXIT_FAILED = 1
 
 
@@ -45,15 +48,13 @@ class Skip(Exception):
     """A feature this machine cannot run (no GPU, one GPU, ...): the reason is the message."""
 
 
-# ----------------------------------------------------------------------------- environment
-
 def environment() -> dict:
     import torch
 
-    from .config import ModelConfig
-    from .distributed import cpu_flags, resolve_mixed_precision
-    from .model import reference_weights
-    from .trainer import versions
+    from tl_dist.config import ModelConfig
+    from tl_dist.distributed import cpu_flags, resolve_mixed_precision
+    from tl_dist.models.pretrained import reference_weights
+    from tl_dist.training.reporting import versions
 
     cuda = torch.cuda.is_available()
     gpus = []
@@ -77,8 +78,6 @@ def environment() -> dict:
         "default_weights": {"file": str(cached), "cached": cached.is_file()},
     }
 
-
-# ----------------------------------------------------------------------------- the self-test
 
 def tiny_set(root: Path, per_class: int = 8, val_per_class: int = 4) -> Path:
     """Two learnable classes (a dark or a light disc) as small JPEGs: root/train|val/class/*.jpg."""
@@ -111,7 +110,8 @@ class SelfTest:
 
     def train(self, *overrides: str) -> tuple[Path, str]:
         """A one-epoch run in this process, its output folder and log; raises on failure."""
-        from . import config, distributed, trainer
+        from tl_dist import config, distributed
+        from tl_dist.training import trainer
 
         self.runs += 1
         out = self.work / f"run{self.runs}"
@@ -130,7 +130,7 @@ class SelfTest:
     # Each check returns its detail for PASS, raises Skip(why) or fails with any other exception.
 
     def fp32(self) -> str:
-        from .predict import Predictor
+        from tl_dist.predictor import Predictor
 
         out, _ = self.train()
         best = json.loads((out / "best.json").read_text())
@@ -142,7 +142,7 @@ class SelfTest:
         return f"train, checkpoint, predict on {self.device.type}"
 
     def auto_precision(self) -> str:
-        from .distributed import resolve_mixed_precision
+        from tl_dist.distributed import resolve_mixed_precision
 
         mp = resolve_mixed_precision("auto", self.cuda)
         if mp == "no":
@@ -172,15 +172,15 @@ class SelfTest:
     def ram_cache(self) -> str:
         import torch
 
-        from . import data
-        from .config import load
-        from .model import resolve
+        from tl_dist.data import listing, loaders
+        from tl_dist.config import load
+        from tl_dist.models.backbones import resolve
 
-        classes, train, val = data.list_splits(str(self.data))
+        classes, train, val = listing.list_splits(str(self.data))
         batches = []
         for cache in ("none", "ram"):
             cfg = resolve(load(None, ["data.image_size=32", "data.num_workers=0", f"data.cache={cache}"])).data
-            d = data.build(cfg, classes, train, val, seed=0)
+            d = loaders.build(cfg, classes, train, val, seed=0)
             batches.append(torch.cat([b[0] for b in d.train_loader]))
         if not torch.equal(*batches):
             raise RuntimeError("the RAM cache gives other pixels than reading the files (set data.cache=none)")
@@ -190,23 +190,23 @@ class SelfTest:
     def device_cache(self) -> str:
         import torch
 
-        from . import data, device_data
-        from .config import load
-        from .model import resolve
+        from tl_dist.data import device_cache, listing, loaders
+        from tl_dist.config import load
+        from tl_dist.models.backbones import resolve
 
         if not self.cuda:
             raise Skip("no CUDA device")
-        classes, train, val = data.list_splits(str(self.data))
+        classes, train, val = listing.list_splits(str(self.data))
         over = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
-        ram = data.build(resolve(load(None, [*over, "data.cache=ram"])).data, classes, train, val, seed=0)
-        dev = data.build(resolve(load(None, [*over, "data.cache=device"])).data, classes, train, val, seed=0,
+        ram = loaders.build(resolve(load(None, [*over, "data.cache=ram"])).data, classes, train, val, seed=0)
+        dev = loaders.build(resolve(load(None, [*over, "data.cache=device"])).data, classes, train, val, seed=0,
                          device=self.device)
         if dev.warning:
             raise RuntimeError(f"{dev.warning} (set data.cache=ram)")
         a = torch.cat([b[0] for b in ram.train_loader]).float()
         b = torch.cat([b[0].cpu() for b in dev.train_loader]).float()
         diff = (a - b).abs()
-        if diff.mean() > device_data.AGREE_MEAN or diff.max() > device_data.AGREE_MAX:
+        if diff.mean() > device_cache.AGREE_MEAN or diff.max() > device_cache.AGREE_MAX:
             raise RuntimeError(f"GPU augmentation differs from PIL's by {diff.mean():.2f} on average "
                                f"(set data.cache=ram)")
         self.train("data.cache=device")
@@ -236,9 +236,9 @@ class SelfTest:
         import torch
         from safetensors.torch import load_file
 
-        from . import checkpoint
+        from tl_dist.files import background_writer, checkpoint
 
-        w = checkpoint.BackgroundWriter(background=True)
+        w = background_writer.BackgroundWriter(background=True)
         state = {"w": torch.arange(1000, dtype=torch.float32).reshape(10, 100)}
         path = self.work / "writer" / "x.safetensors"
         path.parent.mkdir()
@@ -252,7 +252,7 @@ class SelfTest:
     def two_processes(self) -> str:
         import torch
 
-        from . import distributed
+        from tl_dist import distributed
 
         gpus = torch.cuda.device_count() if self.cuda else 0
         backend = "nccl, 2 GPUs" if gpus >= 2 else "gloo, CPU"
@@ -307,8 +307,6 @@ def run_checks(work: Path, on_result: Callable[[Check], None] = lambda c: None) 
         on_result(results[-1])
     return results
 
-
-# ----------------------------------------------------------------------------- command line
 
 def _print_environment(env: dict) -> None:
     gpus = "; ".join(f"{g['index']}: {g['name']} {g['memory_gib']} GiB, sm {g['capability']}, "

@@ -28,14 +28,23 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import UserError, first_line, printable
+from tl_dist.errors import UserError, first_line, printable
+
 
 FORMAT = "tl_dist-export/1"
+
+
 META_NAME = "tl_dist.json"
+
+
 # format name -> file suffix
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "exported": ".pt2"}
+
+
 # the formats whose files are programs: loading one runs what is inside it
 PROGRAMS = {"torchscript": "a TorchScript program", "exported": "a torch.export program"}
+
+
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -79,7 +88,7 @@ def missing_onnx_packages() -> list[str]:
 
 
 def _description(raw: Any, path: Path) -> dict[str, Any]:
-    from .checkpoint import metadata_problem
+    from tl_dist.files.checkpoint import metadata_problem
 
     try:
         desc = json.loads(raw)

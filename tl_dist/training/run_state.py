@@ -9,10 +9,8 @@ Knows nothing about processes: the trainer gathers the ranks' RNG states and sha
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import Config
-from .errors import UserError
-
-RESUME_FILE = "resume.pt"
+from tl_dist.files import checkpoint, resume_file
+from tl_dist.files.resume_file import RESUME_FILE
+from tl_dist.config import Config
+from tl_dist.errors import UserError
 
 
 def model_identity(cfg: Config, classes: list[str]) -> dict[str, Any]:
@@ -99,27 +96,6 @@ def score_of(row: dict, by: str) -> float:
     return row.get(by, -math.inf)  # macro_f1 is missing from rows written before it was measured
 
 
-# ----------------------------------------------------------------------------- saving
-
-def save_epoch(out: Path, meta: dict, is_best: bool, state: dict) -> None:
-    """An epoch's files (rank 0, possibly on the writer's thread) from its resume state, in an order
-    that leaves the run resumable at every moment: weights, metrics, then the resume state."""
-    evaluated = state["ema"] if state.get("ema") is not None else state["model"]
-    try:
-        checkpoint.save_weights(out / "last.safetensors", evaluated, {**meta, "kind": "last"})
-        if is_best:
-            checkpoint.save_weights(out / "best.safetensors", evaluated, {**meta, "kind": "best"})
-        checkpoint.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n"
-                                                                           for r in state["history"]))
-        checkpoint.save_state(out / RESUME_FILE, state)
-    except OSError as e:
-        raise UserError(f"checkpoint: writing epoch {meta['epoch']}'s files in {out} failed: {e}. The files of "
-                        f"the epochs before are intact: free space (or fix the folder) and run the same command "
-                        f"to resume") from None
-
-
-# ----------------------------------------------------------------------------- resuming
-
 def resume_path(cfg: Config) -> Path:
     src = Path(cfg.train.output_dir) if cfg.train.resume == "auto" else Path(cfg.train.resume)
     return src / RESUME_FILE if src.is_dir() or cfg.train.resume == "auto" else src
@@ -132,7 +108,7 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
         if cfg.train.resume != "auto":
             raise UserError(f"resume: no resume state at {path} (train.resume is auto, none or a run directory)")
         return None
-    s = checkpoint.load_state(path)
+    s = resume_file.load_state(path)
     for key, now in identity.items():
         if s.get(key) != now:
             raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
@@ -148,8 +124,6 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
             state.best_model = checkpoint.load_weights(best)[0]
     return state
 
-
-# ----------------------------------------------------------------------------- what changed at a resume
 
 # Keys whose change at a resume is the normal case, not news.
 EXPECTED_CHANGES = ("train.epochs", "train.resume")
@@ -188,28 +162,6 @@ def changes(state: RunState, data: dict, config: dict) -> dict[str, list]:
                     if k not in EXPECTED_CHANGES and old.get(k) != new.get(k)})
     return out
 
-
-STATUS = "status.json"
-
-
-def write_status(out: Path, status: str, detail: str = "") -> None:
-    """How the run's latest segment stands: running (so a killed run still says running, with no
-    live process), then complete, interrupted or failed with its one-line reason. ``tl-dist runs``
-    reads it."""
-    info = {"status": status, "detail": detail, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    checkpoint.atomic_write_text(out / STATUS, json.dumps(info, allow_nan=False) + "\n")
-
-
-def record_resume(out: Path, after_epoch: int, changed: dict[str, list]) -> None:
-    """Append this segment's changes to ``resumes.jsonl``: with the first run's ``config.yaml`` it
-    tells how the weights were made."""
-    log = out / "resumes.jsonl"
-    before = log.read_text(encoding="utf-8") if log.exists() else ""
-    line = json.dumps({"after_epoch": after_epoch, "changes": changed}, allow_nan=False)
-    checkpoint.atomic_write_text(log, before + line + "\n")
-
-
-# ----------------------------------------------------------------------------- RNG states
 
 def seed_everything(seed: int) -> None:
     """Python's, numpy's and torch's (CPU and every GPU) RNGs, from ``seed``."""

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from tl_dist.errors import UserError
 
 
 def check_writable(folder: Path, who: str, what: str) -> None:

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from . import model as model_lib
-from .config import Config, SchedulerConfig
+from tl_dist.models import heads
+from tl_dist.config import Config, SchedulerConfig
 
 
 def base_lrs(cfg: Config) -> list[float]:
@@ -81,7 +81,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     parameters get no gradient and the optimizer leaves them (and their state) untouched.
     """
     o = cfg.optim
-    head, backbone = model_lib.head_and_backbone(model)
+    head, backbone = heads.head_and_backbone(model)
     parts = [head] + ([backbone] if cfg.model.mode != "frozen" else [])
     groups = []
     for params, lr in zip(parts, base_lrs(cfg)):

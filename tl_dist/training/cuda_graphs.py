@@ -10,11 +10,11 @@ import contextlib
 import torch
 import torchvision
 
-from . import model as model_lib
-from . import recipe
-from .config import Config
-from .engine import StepContext, TrainStep, step_sums, train_loss
-from .errors import UserError
+from tl_dist.models import backbones, heads
+from tl_dist.training import optim
+from tl_dist.config import Config
+from tl_dist.training.engine import StepContext, TrainStep, step_sums, train_loss
+from tl_dist.errors import UserError
 
 
 def can_capture(device: torch.device) -> bool:
@@ -37,7 +37,7 @@ def check_cuda_graphs(cfg: Config, device: torch.device, processes: int, mp: str
         ("train.compile=false (compile_mode=reduce-overhead makes its own graphs)", t.compile),
         (f"optim.name=sgd (it is {cfg.optim.name})", cfg.optim.name != "sgd"),
         ("a learning rate fixed within each epoch (scheduler.name step or constant, warmup_epochs 0)",
-         recipe.varies_within_epoch(cfg)),
+         optim.varies_within_epoch(cfg)),
         ("no MixUp / CutMix (train.mixup_alpha, train.cutmix_alpha 0)", t.mixup_alpha > 0 or t.cutmix_alpha > 0),
     ) if bad]
     drawn = random_layers(cfg)
@@ -59,13 +59,13 @@ def random_layers(cfg: Config) -> list[tuple[str, torch.nn.Module]]:
     train mode), as (name, module). A frozen backbone runs in eval mode: only its head would count."""
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            net = model_lib.create(cfg.model.arch, 2, model_lib.arch_kwargs(cfg.model, cfg.data.image_size or 224))
+            net = backbones.create(cfg.model.arch, 2, backbones.arch_kwargs(cfg.model, cfg.data.image_size or 224))
     except NotImplementedError:  # RegNet (built from real tensors) has neither
         return []
-    head = model_lib.head_name(net)
+    head = heads.head_name(net)
     whole = cfg.model.mode != "frozen" or cfg.model.frozen_bn == "train"
     return [(n, m) for n, m in net.named_modules()
-            if isinstance(m, RANDOM_LAYERS) and m.p > 0 and (whole or n == head or model_lib.in_head(n, head))]
+            if isinstance(m, RANDOM_LAYERS) and m.p > 0 and (whole or n == head or heads.in_head(n, head))]
 
 
 class GraphedStep:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import mixing
-from .augment import normalize
-from .data import TrainBatchSampler
-from .distributed import gather_union, reduce_sum
-from .mixing import Mix
-from .model import head_module, set_train_mode
+from tl_dist.training import mixing
+from tl_dist.data.augment import normalize
+from tl_dist.data.samplers import TrainBatchSampler
+from tl_dist.distributed import gather_union, reduce_sum
+from tl_dist.training.mixing import Mix
+from tl_dist.models.heads import head_module, set_train_mode
 
 
 @dataclass

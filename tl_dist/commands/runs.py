@@ -18,10 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError, one_line, printable
-from .outputs import alive
+from tl_dist.errors import UserError, one_line, printable
+from tl_dist.files.outputs import alive
+
 
 MARKERS = ("config.yaml", "last.json", "resume.pt", "status.json")
+
+
 MAX_DEPTH = 4
 
 

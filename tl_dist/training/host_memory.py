@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import ctypes
 
+
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
+
+
 M_TOP_PAD = -2
+
+
 M_MMAP_THRESHOLD = -3
 
+
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems; larger blocks are still mmapped
+
+
 TOP_PAD = 64 << 20  # grow the heap in large steps, not one activation at a time
+
+
 TRIM_THRESHOLD = 2**31 - 1  # the largest value the int argument holds: in practice, never trim
 
 

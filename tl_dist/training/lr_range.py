@@ -1,0 +1,118 @@
+"""The learning-rate range test (fastai's lr_find): the config's model, data, optimizer groups, loss and
+precision, with a learning rate that grows exponentially step by step; the smoothed loss and the
+suggestion. ``tl-dist lr-find`` is its command."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from tl_dist.errors import UserError, printable
+
+
+SMOOTH = 0.98  # the loss's exponential average
+DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+
+
+def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+    """(fastai's "valley": the learning rate a little past the middle of the longest stretch over
+    which the smoothed loss keeps falling; a tenth of the one at the loss minimum). The valley is
+    robust to the noise a single steepest point picks up on small data."""
+    n = len(smoothed)
+    run = [1] * n  # the longest falling sequence ending at i
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if smoothed[i] < smoothed[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[end] < run[i]:
+            end, start = i, i - run[i]
+    third = (end - start) / 3
+    valley = lrs[max(0, min(n - 1, start + int(third) + int(third / 2)))]
+    return valley, lrs[min(range(n), key=smoothed.__getitem__)] / 10
+
+
+def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
+    import torch
+
+    from tl_dist.files import atomic
+    from tl_dist.data import loaders
+    from tl_dist.training import optim
+    from tl_dist import visualize
+    from tl_dist.models import backbones, heads
+    from tl_dist.data.listing import list_splits
+    from tl_dist.distributed import resolve_mixed_precision
+    from tl_dist.training.engine import StepContext, to_device, train_loss
+    from tl_dist.data.images import SKIP_BAD_IMAGES, screen_files
+
+    cfg = backbones.resolve(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type == "cuda")
+    out = Path(cfg.train.output_dir)
+    classes, train, val = list_splits(cfg.data.root)
+    # the training's own pre-flight rule, on the split the test reads
+    report = screen_files([p for p, _ in train], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
+                          lambda line: print(printable(line), file=sys.stderr))
+    train = [s for s in train if s[0] not in report.bad]
+    torch.manual_seed(cfg.train.seed)
+    d = loaders.build(cfg.data, classes, train, val[:1], seed=cfg.train.seed, device=device, sizes=report.sizes)
+    net = backbones.build(cfg.model, len(classes), cfg.data.image_size).to(device)
+    frozen = heads.frozen_at(cfg.model, 0)
+    heads.set_frozen(net, frozen)
+    heads.set_train_mode(net, True, frozen, cfg.model.frozen_bn)
+    channels_last = backbones.uses_channels_last(cfg.model)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = optim.build_optimizer(net, cfg)
+    parts = optim.group_parts(cfg)
+    base = optim.base_lrs(cfg)
+    weights = (optim.class_weights([y for _, y in d.train.samples], len(classes)).to(device)
+               if cfg.train.class_weights == "balanced" else None)
+    ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn, 1,
+                      cfg.train.label_smoothing, weights)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    lrs, losses, smoothed = [], [], []
+    avg, best, diverged, epoch = 0.0, math.inf, False, 0
+    while len(lrs) < steps and not diverged:
+        d.train_sampler.set_epoch(epoch)
+        for batch in d.train_loader:
+            i = len(lrs)
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            for g, part in zip(optimizer.param_groups, parts):
+                g["lr"] = lr * base[part] / base[0]
+            x, y, w, _ = to_device(batch, device, ctx)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out_ = net(x)
+            loss = (train_loss(out_, y, ctx) * w).sum() / w.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            avg = SMOOTH * avg + (1 - SMOOTH) * value
+            s = avg / (1 - SMOOTH ** (i + 1))
+            lrs.append(lr)
+            losses.append(value)
+            smoothed.append(s)
+            best = min(best, s)
+            if not math.isfinite(s) or s > DIVERGE * best:
+                diverged = True
+                break
+            if len(lrs) >= steps:
+                break
+        epoch += 1
+    if not math.isfinite(smoothed[-1]):  # the step that blew up says nothing about the curve
+        lrs, losses, smoothed = lrs[:-1], losses[:-1], smoothed[:-1]
+    if len(lrs) < 3:
+        raise UserError(f"lr-find: the loss diverged within {len(lrs) + 1} steps from --start-lr {start_lr:g}; "
+                        f"start lower")
+    steep, tenth = suggestion(lrs, smoothed)
+    result = {"lr": lrs, "loss": losses, "smoothed": smoothed, "suggested": steep, "min_loss_lr_div10": tenth,
+              "diverged": diverged, "config": cfg.to_dict()}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.atomic_write_text(out / "lr_find.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
+        visualize.lr_find(lrs, losses, smoothed, steep, tenth, out / "lr_find.png")
+    except OSError as e:
+        raise UserError(f"lr-find: cannot write into {out}: {e.strerror}; set train.output_dir") from None
+    return result

@@ -1,0 +1,82 @@
+"""The console report of a run: its lines, the summary table, the metrics row, peak memory, versions."""
+from __future__ import annotations
+
+import platform
+import resource
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tl_dist import __version__
+from tl_dist.training.engine import EpochResult
+from tl_dist.errors import drop_stdout, printable
+from tl_dist.training.run_state import RunState
+
+
+def versions() -> dict[str, str]:
+    return {"tl_dist": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "accelerate": version("accelerate"), "python": platform.python_version()}
+
+
+def say(msg: str) -> None:
+    """A progress line on stdout. A closed or full stdout (a pipe whose reader left, /dev/full)
+    loses the line but never the run: the files are what matters."""
+    try:
+        print(printable(msg), flush=True)
+    except OSError:
+        drop_stdout()
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean F1 over the classes the val split has ([true, predicted] counts)."""
+    c = confusion.double()
+    tp, support, predicted = c.diag(), c.sum(1), c.sum(0)
+    f1 = torch.where(support + predicted > 0, 2 * tp / (support + predicted).clamp(min=1), torch.zeros_like(tp))
+    present = support > 0
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], frozen: bool,
+                digest: str | None, device: torch.device) -> dict:
+    """The epoch's line in metrics.jsonl."""
+    row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
+           "val_acc": va.acc, "macro_f1": macro_f1(va.confusion), "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
+           "seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "val_seconds": va.seconds,
+           "train_samples": tr.samples, "val_samples": va.samples, **peak_memory_mb(device)}
+    if digest:
+        row["weights_digest"] = digest
+    return row
+
+
+def epoch_line(row: dict, epochs: int, lrs: list[float], frozen: bool, is_best: bool) -> str:
+    backbone = "" if frozen or lrs[-1] == lrs[0] else f" (backbone {lrs[-1]:.2g})"
+    return (f"epoch {row['epoch']} ({row['epoch'] + 1} of {epochs})  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+            f"lr {lrs[0]:.2g}{backbone}  {row['seconds']:.1f}s{'  *best' if is_best else ''}")
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident host memory, and peak GPU memory allocated by torch."""
+    peak = {"peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.type == "cuda":
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def summary(state: RunState, total: float, out: Path) -> None:
+    t = Table(title=f"tl_dist run: {escape(printable(out))}")
+    for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
+        t.add_column(col, justify="right")
+    for r in state.history:
+        t.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}", f"{r['val_loss']:.4f}",
+                  f"{r['val_acc']:.4f}" + (" *" if r["epoch"] == state.best_epoch else ""), f"{r['lr']:.2g}",
+                  f"{r['seconds']:.1f}")
+    Console().print(t)
+    # Plain prints: scripts read these lines, and a console would wrap a long path.
+    print(f"total {total:.1f}s; best val acc {state.best_val_acc:.4f} at epoch {state.best_epoch}", flush=True)
+    print(f"best weights: {printable(out / 'best.safetensors')}", flush=True)
