@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tl_dist.files import atomic, checkpoint, resume_file
+from tl_dist.files import atomic, resume_file
 
 from .conftest import FAST, ROOT, make_images, run_cli
 from .conftest import train_in_process as _run

@@ -158,7 +158,7 @@ def test_mixup_and_cutmix_mix_each_batch_with_itself_shifted_and_mix_the_loss():
     import torch.nn.functional as F
 
     from tl_dist.training import mixing
-    from tl_dist.training.engine import StepContext, train_loss
+    from tl_dist.training.engine import StepSettings, train_loss
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
     kinds = {mixing.draw(0, 0, m, 0.2, 1.0, 1.0, 8, 8)[0] for m in range(40)}
     assert kinds == {"mixup", "cutmix"}
@@ -172,7 +172,7 @@ def test_mixup_and_cutmix_mix_each_batch_with_itself_shifted_and_mix_the_loss():
     assert torch.equal(cut[:, :, top:bottom, left:right], x.roll(1, 0)[:, :, top:bottom, left:right])
     assert mix.lam == pytest.approx(1 - (bottom - top) * (right - left) / 64)  # the share that stayed
     out = torch.randn(4, 3)
-    ctx = StepContext([0.5] * 3, [0.2] * 3, False, False, "eval", label_smoothing=0.1,
+    ctx = StepSettings([0.5] * 3, [0.2] * 3, False, False, "eval", label_smoothing=0.1,
                       class_weights=torch.tensor([1.0, 2.0, 0.5]))
     want = [0.7 * ctx.class_weights[a] * F.cross_entropy(out[i:i + 1], torch.tensor([a]), label_smoothing=0.1)
             + 0.3 * ctx.class_weights[b] * F.cross_entropy(out[i:i + 1], torch.tensor([b]), label_smoothing=0.1)

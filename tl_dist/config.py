@@ -110,7 +110,7 @@ class SchedulerConfig:
 
 
 @dataclass
-class TrainSection:
+class TrainConfig:
     epochs: int = _key(25, "epochs to train (a resumed run continues up to this many)")
     mixed_precision: str = _key("auto", "auto: bf16 where the hardware runs it fast (fp16 on older GPUs), else no",
                                 ("auto", "no", "fp16", "bf16"))
@@ -156,7 +156,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -402,13 +402,6 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
         key, value = parse_override(item)
         set_key(cfg, key, value, "command line")
     validate(cfg, f"{path} and the command line" if path is not None and overrides else str(path or "command line"))
-    return cfg
-
-
-def from_dict(d: dict, source: str = "checkpoint") -> Config:
-    cfg = Config()
-    _apply_mapping(cfg, d, source)
-    validate(cfg, source)
     return cfg
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 
 from tl_dist.errors import UserError, first_few
@@ -137,13 +138,25 @@ def write_status(out: Path, status: str, detail: str = "") -> None:
     atomic.atomic_write_text(out / STATUS, json.dumps(info, allow_nan=False) + "\n")
 
 
+def write_config(out: Path, text: str) -> None:
+    """A fresh run's resolved config (``config.yaml``): what the run's first weights were made with."""
+    _segment_file(out / "config.yaml", text)
+
+
 def record_resume(out: Path, after_epoch: int, changed: dict[str, list]) -> None:
     """Append this segment's changes to ``resumes.jsonl``: with the first run's ``config.yaml`` it
     tells how the weights were made."""
     log = out / "resumes.jsonl"
-    before = log.read_text(encoding="utf-8") if log.exists() else ""
     line = json.dumps({"after_epoch": after_epoch, "changes": changed}, allow_nan=False)
-    atomic.atomic_write_text(log, before + line + "\n")
+    _segment_file(log, lambda: (log.read_text(encoding="utf-8") if log.exists() else "") + line + "\n")
+
+
+def _segment_file(path: Path, text: str | Callable[[], str]) -> None:
+    try:
+        atomic.atomic_write_text(path, text() if callable(text) else text)
+    except OSError as e:
+        raise UserError(f"train: writing {path} failed: {e.strerror}; free space (or fix the folder) and run "
+                        f"the same command again") from None
 
 
 def prepare_output_dir(path: Path, lock: RunLock, resume: str) -> None:

@@ -13,7 +13,7 @@ import torchvision
 from tl_dist.models import backbones, heads
 from tl_dist.training import optim
 from tl_dist.config import Config
-from tl_dist.training.engine import StepContext, TrainStep, step_sums, train_loss
+from tl_dist.training.engine import StepSettings, TrainStep, step_sums, train_loss
 from tl_dist.errors import UserError
 
 
@@ -106,7 +106,7 @@ class GraphedStep:
         self.warmup, self.capture, self.fallback = warmup, capture, fallback
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # weighted loss, correct, count
         self.model: torch.nn.Module | None = None
-        self.loss_ctx: StepContext | None = None
+        self.loss_ctx: StepSettings | None = None
         self.captures = 0
         self.failed: str | None = None
         self._key: tuple | None = None
@@ -116,12 +116,12 @@ class GraphedStep:
         self._baked: tuple | None = None
         self._stream = torch.cuda.Stream(device) if capture else None  # warm-up and capture run here
 
-    def begin_epoch(self, model: torch.nn.Module, ctx: StepContext | tuple) -> None:
+    def begin_epoch(self, model: torch.nn.Module, ctx: StepSettings | tuple) -> None:
         """Another model wrapper, learning rate or frozen state than last epoch (``ctx``, or an
         explicit key) means a new capture."""
         self.sums.zero_()
         self.model = model
-        self.loss_ctx = ctx if isinstance(ctx, StepContext) else None
+        self.loss_ctx = ctx if isinstance(ctx, StepSettings) else None
         if self.fallback is not None:
             self.fallback.begin_epoch(model, ctx)
         key = ctx if isinstance(ctx, tuple) else (id(model), tuple(g["lr"] for g in self.opt.param_groups),
@@ -129,12 +129,12 @@ class GraphedStep:
         if key != self._key:
             self._key, self._eager, self._graph, self._static, self._baked = key, 0, None, None, None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, sync: bool,
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, update: bool,
                  mix=None) -> None:
         if mix is None and self.can_replay(len(y)) and self.step(x, y, w, scale):
             return
         with self.eager():
-            self.fallback(x, y, w, scale, sync, mix)
+            self.fallback(x, y, w, scale, update, mix)
 
     def epoch_sums(self) -> torch.Tensor:
         return self.fallback.epoch_sums() + self.sums

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,12 @@ from tl_dist.data.samplers import TrainBatchSampler
 from tl_dist.distributed import gather_union, reduce_sum
 from tl_dist.training.mixing import Mix
 from tl_dist.models.heads import head_module, set_train_mode
+
+if TYPE_CHECKING:  # the loop's collaborators, called by name
+    from tl_dist.distributed import StopRequest
+    from tl_dist.tracking import Tracking
+    from tl_dist.training.ema import EMA
+    from tl_dist.training.optim import Schedule
 
 
 @dataclass
@@ -36,7 +42,7 @@ class EpochResult:
 
 
 @dataclass
-class StepContext:
+class StepSettings:
     """What the loop needs to know about the model that the Accelerator does not."""
     mean: list[float]
     std: list[float]
@@ -56,7 +62,7 @@ class StepContext:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
-def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepContext | None, mix: Mix | None = None) -> torch.Tensor:
+def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepSettings | None, mix: Mix | None = None) -> torch.Tensor:
     """The per-sample train loss: cross-entropy with the run's label smoothing, times the sample's
     class weight; for a mixed batch, the same mixed with the second targets' (soft targets).
     Normalised by the number of samples (not the sum of weights) like every loss here, so the
@@ -72,10 +78,10 @@ def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepContext | None, mix:
 
 class TrainStep(Protocol):
     """One train step on a batch: forward, loss, backward, and at the end of an accumulation window
-    (``sync``) the optimizer step. It adds the batch's (weighted loss, correct, count) to its sums."""
+    (``update``) the optimizer step. It adds the batch's (weighted loss, correct, count) to its sums."""
 
-    def begin_epoch(self, model: torch.nn.Module, ctx: StepContext) -> None: ...
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, sync: bool,
+    def begin_epoch(self, model: torch.nn.Module, ctx: StepSettings) -> None: ...
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, update: bool,
                  mix: Mix | None = None) -> None: ...
     def epoch_sums(self) -> torch.Tensor: ...
 
@@ -92,22 +98,22 @@ class EagerStep:
     def __init__(self, accelerator, optimizer) -> None:
         self.acc, self.opt = accelerator, optimizer
         self.model: torch.nn.Module | None = None
-        self.ctx: StepContext | None = None
+        self.ctx: StepSettings | None = None
         self.sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
 
-    def begin_epoch(self, model: torch.nn.Module, ctx: StepContext) -> None:
+    def begin_epoch(self, model: torch.nn.Module, ctx: StepSettings) -> None:
         self.model, self.ctx = model, ctx
         self.sums.zero_()
 
-    def __call__(self, x, y, w, scale: float, sync: bool, mix: Mix | None = None) -> None:
+    def __call__(self, x, y, w, scale: float, update: bool, mix: Mix | None = None) -> None:
         # Inside an accumulation window DDP must not all-reduce (no_sync); the window's last
         # micro-batch does, and only then does the optimizer step.
-        with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+        with contextlib.nullcontext() if update else self.acc.no_sync(self.model):
             with self.acc.autocast():
                 out = self.model(x)
             per_sample = train_loss(out, y, self.ctx, mix)
             self.acc.backward((per_sample * w).sum() * scale)
-        if sync:
+        if update:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.sums += step_sums(per_sample, out, y, w)
@@ -116,7 +122,7 @@ class EagerStep:
         return self.sums
 
 
-def to_device(batch, device, ctx: StepContext):
+def to_device(batch, device, ctx: StepSettings):
     """(x, y, w) on the device, and the dataset indices of samples that failed to decode."""
     x, y, w, idx = batch
     x = normalize(x.to(device, non_blocking=True), ctx.mean, ctx.std, ctx.channels_last)
@@ -125,55 +131,56 @@ def to_device(batch, device, ctx: StepContext):
 
 
 def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: TrainBatchSampler,
-                    ctx: StepContext, epoch: int, should_stop: Callable[[], bool] = lambda: False,
-                    on_window: Callable[[int, int], None] = lambda done, size: None,
-                    after_step: Callable[[], None] = lambda: None) -> EpochResult:
-    """One epoch of optimizer steps. ``on_window(done, size)`` runs before each accumulation window
-    (one optimizer step): the global number of images the epoch's earlier windows took, and this
-    window's. Positions in images are the same for any world size and accumulation that take the
-    same steps. ``after_step()`` runs after each optimizer step."""
+                    settings: StepSettings, epoch: int, *, schedule: Schedule | None = None, ema: EMA | None = None,
+                    stop: StopRequest | None = None, tracking: Tracking | None = None) -> EpochResult:
+    """One epoch of optimizer steps. Before each one the schedule sets the learning rates (and the
+    trackers note them); after each one the weights' average is updated and the stop request is
+    checked (every rank at the same step, so all stop together)."""
     t0 = time.perf_counter()
     model.train()
-    set_train_mode(accelerator.unwrap_model(model), True, ctx.frozen, ctx.frozen_bn)
-    train_step.begin_epoch(model, ctx)
+    set_train_mode(accelerator.unwrap_model(model), True, settings.frozen, settings.frozen_bn)
+    train_step.begin_epoch(model, settings)
     bad: list[int] = []
     # (closed however the loop ends, so an error the run prints starts a line of its own)
     with tqdm(total=len(sampler), desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
-        stopped = _train_steps(accelerator, model, loader, sampler, train_step, ctx, epoch, bar, bad,
-                               on_window, after_step, should_stop)
+        stopped = _train_steps(accelerator, model, loader, sampler, train_step, settings, epoch, bar, bad,
+                               schedule, ema, stop, tracking)
     loss_sum, correct, count = reduce_sum(accelerator, [train_step.epoch_sums()])[0].tolist()
     n = max(1.0, count)
     return EpochResult(loss_sum / n, correct / n, int(count), time.perf_counter() - t0,
                        gather_union(accelerator, bad), stopped)
 
 
-def _train_steps(accelerator, model, loader, sampler, train_step, ctx: StepContext, epoch: int, bar, bad: list[int],
-                 on_window, after_step, should_stop) -> bool:
-    """The epoch's steps; whether a stop was asked for."""
-    world, k, n_steps = accelerator.num_processes, ctx.grad_accum_steps, len(sampler)
-    done = 0
-    for step, batch in enumerate(loader):
-        x, y, w, failed = to_device(batch, accelerator.device, ctx)
+def _train_steps(accelerator, model, loader, sampler, train_step, settings: StepSettings, epoch: int, bar,
+                 bad: list[int], schedule, ema, stop, tracking) -> bool:
+    """The epoch's micro-batches; whether a stop was asked for."""
+    world, k, n_micro = accelerator.num_processes, settings.grad_accum_steps, len(sampler)
+    done = 0  # images the epoch's earlier optimizer steps took, over all ranks
+    for micro, batch in enumerate(loader):
+        x, y, w, failed = to_device(batch, accelerator.device, settings)
         bad += failed
-        # Accumulation windows of k steps restart each epoch; the last one may be short.
-        lo = step // k * k
-        hi = min(lo + k, n_steps)
-        sync = step == hi - 1
-        denom = sum(sampler.global_count(s) for s in range(lo, hi))  # real samples in the global window
-        if step == lo:
-            on_window(done, denom)
-            done += denom
+        # One optimizer step per window of k micro-batches; windows restart each epoch, the last may be short.
+        lo = micro // k * k
+        hi = min(lo + k, n_micro)
+        update = micro == hi - 1  # the window's last micro-batch: gradients reduced, the optimizer steps
+        window_images = sum(sampler.global_count(s) for s in range(lo, hi))  # real samples, all ranks
+        if micro == lo:
+            if schedule is not None:
+                lrs = schedule.before_optimizer_step(epoch, done)
+                if tracking is not None:
+                    tracking.step(epoch, done + window_images, lrs)
+            done += window_images
         mix = None
-        if ctx.mixes:  # this rank's batch is the global micro-batch step x world + rank (see mixing)
-            drawn = mixing.draw(ctx.seed, epoch, step * world + accelerator.process_index, ctx.mixup_alpha,
-                                ctx.cutmix_alpha, ctx.mix_prob, x.shape[2], x.shape[3])
+        if settings.mixes:  # this rank's batch is the global micro-batch micro x world + rank (see mixing)
+            drawn = mixing.draw(settings.seed, epoch, micro * world + accelerator.process_index,
+                                settings.mixup_alpha, settings.cutmix_alpha, settings.mix_prob, x.shape[2], x.shape[3])
             x, mix = mixing.apply(x, y, drawn)
-        train_step(x, y, w, world / denom, sync, mix)
-        if sync:
-            after_step()
+        train_step(x, y, w, world / window_images, update, mix)
+        if update and ema is not None:
+            ema.update()
         bar.update(1)
-        if sync and should_stop():
+        if update and stop is not None and stop.check(accelerator):
             return True
     return False
 
@@ -192,7 +199,7 @@ class HeadInputs:
 
 
 @torch.inference_mode()
-def evaluate(accelerator, model, loader, ctx: StepContext, num_classes: int, epoch: int = 0,
+def evaluate(accelerator, model, loader, ctx: StepSettings, num_classes: int, epoch: int = 0,
              head_inputs: HeadInputs | None = None) -> EpochResult:
     """Every val sample exactly once over all ranks; metrics reduced as sums (no padding to drop).
 

@@ -34,44 +34,64 @@ def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
 
 
 def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
-    import torch
-
-    from tl_dist.files import atomic
-    from tl_dist.data import loaders
-    from tl_dist.training import optim
-    from tl_dist import visualize
-    from tl_dist.models import backbones, heads
-    from tl_dist.data.listing import list_splits
-    from tl_dist.distributed import resolve_mixed_precision
-    from tl_dist.training.engine import StepContext, to_device, train_loss
-    from tl_dist.data.images import SKIP_BAD_IMAGES, screen_files
+    """The range test on one process, with the training's own builders; writes lr_find.json and
+    lr_find.png into train.output_dir and returns what the json holds."""
+    from tl_dist.models import backbones
 
     cfg = backbones.resolve(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, optimizer, d, settings, dtype = set_up(cfg)
+    lrs, losses, smoothed, diverged = _sweep(cfg, net, optimizer, d, settings, dtype, start_lr, end_lr, steps)
+    if not math.isfinite(smoothed[-1]):  # the step that blew up says nothing about the curve
+        lrs, losses, smoothed = lrs[:-1], losses[:-1], smoothed[:-1]
+    if len(lrs) < 3:
+        raise UserError(f"lr-find: the loss diverged within {len(lrs) + 1} steps from --start-lr {start_lr:g}; "
+                        f"start lower")
+    steep, tenth = suggestion(lrs, smoothed)
+    result = {"lr": lrs, "loss": losses, "smoothed": smoothed, "suggested": steep, "min_loss_lr_div10": tenth,
+              "diverged": diverged, "config": cfg.to_dict()}
+    write(Path(cfg.train.output_dir), result)
+    return result
+
+
+def set_up(cfg):
+    """The model, optimizer, train data and step settings a run of ``cfg`` starts with (the
+    training's builders, on one process); and the autocast dtype of its mixed precision."""
+    import torch
+
+    from tl_dist.data import loaders
+    from tl_dist.distributed import plain_accelerator, resolve_mixed_precision
+    from tl_dist.models import backbones, heads
+    from tl_dist.training import optim, setup
+    from tl_dist.training.run_state import seed_everything
+
+    accelerator = plain_accelerator(cuda=torch.cuda.is_available())
+    device = accelerator.device
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type == "cuda")
-    out = Path(cfg.train.output_dir)
-    classes, train, val = list_splits(cfg.data.root)
-    # the training's own pre-flight rule, on the split the test reads
-    report = screen_files([p for p, _ in train], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
-                          lambda line: print(printable(line), file=sys.stderr))
-    train = [s for s in train if s[0] not in report.bad]
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
+    # progress and warnings on stderr: stdout is the suggestion
+    classes, train, val, report = setup.screened_splits(cfg, accelerator, lambda line: print(printable(line),
+                                                                                              file=sys.stderr))
+    # (the val split is scanned with the rest but not read: one image keeps the loaders' shape)
     d = loaders.build(cfg.data, classes, train, val[:1], seed=cfg.train.seed, device=device, sizes=report.sizes)
     net = backbones.build(cfg.model, len(classes), cfg.data.image_size).to(device)
+    net, channels_last = setup.shape_model(cfg, net, processes=1)
+    optimizer = optim.build_optimizer(net, cfg)
     frozen = heads.frozen_at(cfg.model, 0)
     heads.set_frozen(net, frozen)
     heads.set_train_mode(net, True, frozen, cfg.model.frozen_bn)
-    channels_last = backbones.uses_channels_last(cfg.model)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = optim.build_optimizer(net, cfg)
-    parts = optim.group_parts(cfg)
-    base = optim.base_lrs(cfg)
-    weights = (optim.class_weights([y for _, y in d.train.samples], len(classes)).to(device)
-               if cfg.train.class_weights == "balanced" else None)
-    ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn, 1,
-                      cfg.train.label_smoothing, weights)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    settings = setup.step_settings(cfg, frozen, channels_last, d, device)
+    return net, optimizer, d, settings, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+
+
+def _sweep(cfg, net, optimizer, d, settings, dtype, start_lr: float, end_lr: float, steps: int):
+    """Optimizer steps at exponentially growing learning rates (every group scaled together) until
+    ``steps`` or the loss diverges: (lrs, losses, smoothed losses, diverged)."""
+    import torch
+
+    from tl_dist.training import optim
+    from tl_dist.training.engine import to_device, train_loss
+
+    parts, base, device = optim.group_parts(cfg), optim.base_lrs(cfg), next(net.parameters()).device
     lrs, losses, smoothed = [], [], []
     avg, best, diverged, epoch = 0.0, math.inf, False, 0
     while len(lrs) < steps and not diverged:
@@ -81,10 +101,10 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             for g, part in zip(optimizer.param_groups, parts):
                 g["lr"] = lr * base[part] / base[0]
-            x, y, w, _ = to_device(batch, device, ctx)
+            x, y, w, _ = to_device(batch, device, settings)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out_ = net(x)
-            loss = (train_loss(out_, y, ctx) * w).sum() / w.sum().clamp(min=1)
+                out = net(x)
+            loss = (train_loss(out, y, settings) * w).sum() / w.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -101,18 +121,17 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
             if len(lrs) >= steps:
                 break
         epoch += 1
-    if not math.isfinite(smoothed[-1]):  # the step that blew up says nothing about the curve
-        lrs, losses, smoothed = lrs[:-1], losses[:-1], smoothed[:-1]
-    if len(lrs) < 3:
-        raise UserError(f"lr-find: the loss diverged within {len(lrs) + 1} steps from --start-lr {start_lr:g}; "
-                        f"start lower")
-    steep, tenth = suggestion(lrs, smoothed)
-    result = {"lr": lrs, "loss": losses, "smoothed": smoothed, "suggested": steep, "min_loss_lr_div10": tenth,
-              "diverged": diverged, "config": cfg.to_dict()}
+    return lrs, losses, smoothed, diverged
+
+
+def write(out: Path, result: dict) -> None:
+    from tl_dist import visualize
+    from tl_dist.files import atomic
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic.atomic_write_text(out / "lr_find.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
-        visualize.lr_find(lrs, losses, smoothed, steep, tenth, out / "lr_find.png")
+        visualize.lr_find(result["lr"], result["loss"], result["smoothed"], result["suggested"],
+                          result["min_loss_lr_div10"], out / "lr_find.png")
     except OSError as e:
         raise UserError(f"lr-find: cannot write into {out}: {e.strerror}; set train.output_dir") from None
-    return result

@@ -104,3 +104,25 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
     present = int((counts > 0).sum())
     w = torch.where(counts > 0, len(labels) / (present * counts.clamp(min=1)), torch.zeros_like(counts))
     return w.float()
+
+
+class Schedule:
+    """The run's learning rates, put into the optimizer at each epoch's start and, where they move
+    within an epoch (warm-up, cosine, one-cycle), before every optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config, train_images: int) -> None:
+        self.optimizer, self.cfg, self.train_images = optimizer, cfg, train_images
+        self.within_epoch = varies_within_epoch(cfg)
+        self.epoch_lrs: list[float] = []
+
+    def start_epoch(self, epoch: int) -> list[float]:
+        """The rates at the epoch's start, set; [head, backbone]."""
+        self.epoch_lrs = set_lrs(self.optimizer, self.cfg, epoch)
+        return self.epoch_lrs
+
+    def before_optimizer_step(self, epoch: int, images_done: int) -> list[float]:
+        """The rates for the step that follows ``images_done`` images of the epoch (the global count
+        its earlier optimizer steps took: the same for any world size and accumulation)."""
+        if not self.within_epoch:
+            return self.epoch_lrs
+        return set_lrs(self.optimizer, self.cfg, epoch, epoch + images_done / self.train_images)

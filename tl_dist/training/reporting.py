@@ -78,5 +78,5 @@ def summary(state: RunState, total: float, out: Path) -> None:
                   f"{r['seconds']:.1f}")
     Console().print(t)
     # Plain prints: scripts read these lines, and a console would wrap a long path.
-    print(f"total {total:.1f}s; best val acc {state.best_val_acc:.4f} at epoch {state.best_epoch}", flush=True)
+    print(f"total {total:.1f}s; best val acc {state.best_epoch_val_acc:.4f} at epoch {state.best_epoch}", flush=True)
     print(f"best weights: {printable(out / 'best.safetensors')}", flush=True)

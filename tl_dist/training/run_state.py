@@ -29,6 +29,10 @@ def model_identity(cfg: Config, classes: list[str]) -> dict[str, Any]:
     return {"classes": classes, "arch": cfg.model.arch, "mode": cfg.model.mode}
 
 
+# Fields saved in resume.pt under another name (the name files have always used).
+RESUME_KEYS = {"best_epoch_val_acc": "best_val_acc"}
+
+
 @dataclass
 class RunState:
     """What a run carries from one epoch to the next; ``resume.pt`` is this, as plain values.
@@ -36,7 +40,7 @@ class RunState:
     ``model``, ``optimizer`` and ``rng`` are set when an epoch is saved (rank 0) or resumed.
     """
     epoch: int = -1  # the last complete epoch
-    best_val_acc: float = -1.0  # the val accuracy of the best epoch
+    best_epoch_val_acc: float = -1.0  # the val accuracy of the best epoch (by train.select_best_by)
     best_epoch: int = -1
     best_score: float = -math.inf  # the best epoch's train.select_best_by value (val_loss negated)
     history: list[dict] = field(default_factory=list)  # one metrics row per epoch
@@ -65,7 +69,7 @@ class RunState:
         self.epoch, self.model, self.ema = row["epoch"], weights, ema
         self.history.append(row)
         if is_best:
-            self.best_score, self.best_val_acc, self.best_epoch, self.best_model, self.best_confusion = \
+            self.best_score, self.best_epoch_val_acc, self.best_epoch, self.best_model, self.best_confusion = \
                 score, row["val_acc"], row["epoch"], ema if ema is not None else weights, confusion
         return is_best
 
@@ -81,12 +85,13 @@ class RunState:
     def to_resume(self, identity: dict[str, Any]) -> dict[str, Any]:
         """The resume state: plain values, the tensors shared (not copied), the history copied (it
         grows while the file is written), and what a resuming run must match."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {RESUME_KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
         return {**d, "history": list(self.history), **identity}
 
     @classmethod
     def from_resume(cls, d: dict[str, Any]) -> "RunState":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return cls(**{f.name: d[RESUME_KEYS.get(f.name, f.name)] for f in fields(cls)
+                      if RESUME_KEYS.get(f.name, f.name) in d})
 
 
 def score_of(row: dict, by: str) -> float:
@@ -120,7 +125,7 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
         on_disk = checkpoint.read_metadata(best)
         score = score_of(on_disk, cfg.train.select_best_by)  # (its metadata has the val metrics)
         if score > state.best_score:
-            state.best_score, state.best_val_acc, state.best_epoch = score, on_disk["val_acc"], on_disk["epoch"]
+            state.best_score, state.best_epoch_val_acc, state.best_epoch = score, on_disk["val_acc"], on_disk["epoch"]
             state.best_model = checkpoint.load_weights(best)[0]
     return state
 

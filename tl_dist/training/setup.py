@@ -1,4 +1,9 @@
-"""Setting a run up: the accelerator, the run directory, the data, the model, the optimizer and step."""
+"""Setting a run up: ``set_up`` reads as the list of builders it calls; ``lr-find`` uses the same ones.
+
+Order matters for reproducibility: the seed is set before the data and the model are built, the
+resume state is read before the model is wrapped, and freezing happens before ``prepare`` (DDP
+must see which parameters train).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,22 +14,21 @@ from pathlib import Path
 import torch
 
 from tl_dist import config, tracking, visualize
-from tl_dist.files import atomic, run_dir
-from tl_dist.data import demo, listing, loaders
-from tl_dist.training import host_memory, optim
-from tl_dist.models import backbones, heads, pretrained
 from tl_dist.config import Config
-from tl_dist.distributed import (agree, check_same_data, make_accelerator, note_peers, on_main_then_share, rewrap_unfrozen,
-                          spans_machines)
-from tl_dist.training.ema import EMA
-from tl_dist.training.engine import (EagerStep, HeadInputs, StepContext, TrainStep)
+from tl_dist.data import demo, listing, loaders
+from tl_dist.data.images import SKIP_BAD_IMAGES, ScanReport, screen_files
+from tl_dist.distributed import (agree, check_same_data, make_accelerator, note_peers, on_main_then_share,
+                                 rewrap_unfrozen, spans_machines)
 from tl_dist.errors import UserError, first_line, one_line
+from tl_dist.files import run_dir
+from tl_dist.models import backbones, heads, pretrained
+from tl_dist.training import host_memory, optim
 from tl_dist.training.cuda_graphs import GraphedStep, check_cuda_graphs
-from tl_dist.data.images import SKIP_BAD_IMAGES, screen_files
-from tl_dist.training.run_state import (RunState, changes, data_fingerprint, model_identity, read_resume, seed_everything,
-                                        set_rng_state)
-from tl_dist.files.run_dir import prepare_output_dir, record_resume
+from tl_dist.training.ema import EMA
+from tl_dist.training.engine import EagerStep, HeadInputs, StepSettings, TrainStep
 from tl_dist.training.reporting import say, versions
+from tl_dist.training.run_state import (RunState, changes, data_fingerprint, model_identity, read_resume,
+                                        seed_everything, set_rng_state)
 
 
 @dataclass
@@ -36,8 +40,9 @@ class Run:
     data: loaders.Data
     net: torch.nn.Module  # as prepared (DDP-wrapped with several processes)
     optimizer: torch.optim.Optimizer
+    schedule: optim.Schedule
     step: TrainStep
-    ctx: StepContext
+    settings: StepSettings
     state: RunState
     meta: dict  # what every checkpoint of this run says about itself
     tracking: tracking.Tracking
@@ -48,18 +53,10 @@ class Run:
         if self.accelerator.is_main_process:
             say(msg)
 
-    def before_step(self, epoch: int, epoch_lrs: list[float], done: int, size: int) -> None:
-        """Before each optimizer step: the schedule's learning rates at this point of the run (from
-        the images done, see recipe), and the tracker's note of them."""
-        lrs = epoch_lrs
-        if optim.varies_within_epoch(self.cfg):
-            lrs = optim.set_lrs(self.optimizer, self.cfg, epoch, epoch + done / len(self.data.train))
-        self.tracking.step(epoch, done + size, lrs)
-
     def unfreeze(self, epoch: int) -> None:
         self.net = rewrap_unfrozen(self.accelerator, self.net)
         self.head_inputs = None  # the backbone moves from now on: its outputs do too
-        self.ctx = dataclasses.replace(self.ctx, frozen=False)
+        self.settings = dataclasses.replace(self.settings, frozen=False)
         self.log(f"epoch {epoch}: the backbone trains from now on "
                  f"(after model.unfreeze_epoch={self.cfg.model.unfreeze_epoch} frozen epochs)")
 
@@ -71,165 +68,89 @@ class Run:
 
 
 def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
-    """Accelerator, data, model, resume state, optimizer, train step and the run's first files."""
-    accelerator, mp = make_accelerator(cfg)
-    if accelerator.num_processes > 1:
-        note_peers(accelerator)  # (to name a rank that dies later)
+    """Accelerator, run directory, data, model, resume state, optimizer, train step and the first files."""
+    accelerator, mp = start_processes(cfg)
     main_proc = accelerator.is_main_process
-    if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
-        host_memory.keep_freed_memory()
-    check_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp)
     log = say if main_proc else (lambda msg: None)
-
     out = Path(cfg.train.output_dir)
-    agree(accelerator, lambda: prepare_output_dir(out, lock, cfg.train.resume) if main_proc else None)
+    agree(accelerator, lambda: run_dir.prepare_output_dir(out, lock, cfg.train.resume) if main_proc else None)
     seed_everything(cfg.train.seed)
 
     d, fingerprint = prepare_data(cfg, accelerator, log)
-    if d.warning:
-        log(d.warning)
     net = agree(accelerator, backbones.build, cfg.model, len(d.classes), cfg.data.image_size)
-    # Resume: rank 0 reads, every rank receives (no shared filesystem needed across machines).
-    state = (on_main_then_share(accelerator, lambda: read_resume(cfg, model_identity(cfg, d.classes)))
-             if cfg.train.resume != "none" else None)
-    if state is not None:
-        try:
-            pretrained.load_state(net, state.model)
-        except (RuntimeError, KeyError, TypeError) as e:
-            raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
-                            f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
-        log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_val_acc:.4f} "
-            f"at epoch {state.best_epoch})")
-
-    if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    channels_last = backbones.uses_channels_last(cfg.model)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        net.compile(mode=cfg.train.compile_mode)
-    optimizer = optim.build_optimizer(net, cfg)
+    state = read_state(cfg, accelerator, net, d.classes, log)
     start = state.next_epoch if state is not None else 0
+    net, channels_last = shape_model(cfg, net, accelerator.num_processes)
+    optimizer = optim.build_optimizer(net, cfg)
     frozen = heads.frozen_at(cfg.model, start)  # the phase the wrapper is built for
     if cfg.model.mode == "frozen_then_finetune" and cfg.model.unfreeze_epoch >= cfg.train.epochs:
         log(f"note: model.unfreeze_epoch={cfg.model.unfreeze_epoch} >= train.epochs={cfg.train.epochs}: "
             f"the backbone stays frozen in this run (a resumed run with more epochs unfreezes it)")
     heads.set_frozen(net, frozen)
     if state is not None:
-        try:
-            optimizer.load_state_dict(state.optimizer)
-        except (ValueError, KeyError) as e:
-            raise UserError(f"resume: the optimizer state in {out / 'resume.pt'} does not fit this run ({e}); "
-                            f"use another train.output_dir or train.resume=none") from None
-        # Data order and augmentation do not depend on these; with another world size they are
-        # left as seeded, which changes nothing the run draws.
-        if len(state.rng) == accelerator.num_processes:
-            set_rng_state(state.rng[accelerator.process_index])
+        restore_optimizer_and_rngs(optimizer, state, accelerator, out)
     net, optimizer = accelerator.prepare(net, optimizer)
-    step: TrainStep = EagerStep(accelerator, optimizer)
-    if cfg.train.cuda_graphs:  # (its needs were checked above)
-        step = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
-                           capture=accelerator.device.type == "cuda", fallback=step)
-    weights = (optim.class_weights([y for _, y in d.train.samples], len(d.classes)).to(accelerator.device)
-               if cfg.train.class_weights == "balanced" else None)
-    t = cfg.train
-    ctx = StepContext(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn, t.grad_accum_steps,
-                      t.label_smoothing, weights, t.seed, t.mixup_alpha, t.cutmix_alpha, t.mix_prob)
-    meta = {
-        "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
-        "arch_kwargs": backbones.arch_kwargs(cfg.model, cfg.data.image_size),
-        "head": heads.head_name(accelerator.unwrap_model(net)),
-        "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
-        "interpolation": cfg.data.interpolation,
-        "mean": cfg.data.mean, "std": cfg.data.std, "world_size": accelerator.num_processes,
-        "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
-        "data_path": d.describe(accelerator.device),
-    }
+    step = build_step(cfg, accelerator, optimizer, mp)
+    settings = step_settings(cfg, frozen, channels_last, d, accelerator.device)
+    meta = run_metadata(cfg, accelerator, net, d, mp)
     state = state or RunState()
     # (through agree: a failed write stops every rank at once, not only rank 0)
     agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, log) if main_proc else None)
     if main_proc:
-        log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
-            f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
-            f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
-        if cfg.scheduler.warmup_epochs >= cfg.train.epochs:
-            log(f"warning: scheduler.warmup_epochs ({cfg.scheduler.warmup_epochs:g}) is not shorter than train.epochs "
-                f"({cfg.train.epochs}): the learning rate rises for the whole run and never trains at optim.lr; "
-                f"shorten the warm-up (a few epochs, or a fraction of one)")
-        if cfg.train.plots and start == 0:
-            visualize.drawn(visualize.train_batch, d.train, d.classes, out / "train_batch.png", seed=cfg.train.seed)
-
-    # A fixed backbone computes the same val features every epoch: keep them (see HeadInputs) when
-    # they fit the host cache budget (fp32 size, an upper bound: one vector per val image).
-    # Only for a Linear head: its output is the model's (SqueezeNet's conv head is followed by pooling).
-    head = heads.head_module(accelerator.unwrap_model(net))
-    feature_bytes = len(d.val) * getattr(head, "in_features", 0) * 4
-    keep_features = (frozen and cfg.model.frozen_bn == "eval" and isinstance(head, torch.nn.Linear)
-                     and feature_bytes <= cfg.data.cache_gb * 2**30)
-    trackers = tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start)
-    ema = None
-    if cfg.train.ema_decay > 0:  # (after prepare: the average lives where the model does)
-        ema = EMA(accelerator.unwrap_model(net), cfg.train.ema_decay)
-        if state.ema is not None:
-            ema.load(state.ema, state.ema_updates)
-        elif state.epoch >= 0:
-            log(f"note: train.ema_decay is new at this resume: the average starts from epoch {state.epoch}'s weights")
-    return Run(cfg, accelerator, out, d, net, optimizer, step, ctx, state, meta, trackers, ema,
-               HeadInputs() if keep_features else None)
+        first_lines(cfg, accelerator, d, meta, mp, start, log)
+    return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, len(d.train)), step, settings,
+               state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start),
+               build_ema(cfg, accelerator.unwrap_model(net), state, log),
+               HeadInputs() if keeps_val_features(cfg, accelerator.unwrap_model(net), frozen, len(d.val)) else None)
 
 
-def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, log) -> None:
-    """The run directory's account of how its weights are made (rank 0): a fresh run writes its
-    config.yaml; a resume keeps it, says what changed since (data, settings) and appends that to
-    resumes.jsonl. The state then describes this segment."""
-    now = cfg.to_dict()
-    target = out / ("config.yaml" if state.epoch < 0 else "resumes.jsonl")
-    try:
-        if state.epoch < 0:
-            atomic.atomic_write_text(out / "config.yaml", config.dump(cfg))
-        else:
-            changed = changes(state, data_fp, now)
-            if changed:
-                log("note: changed since epoch {}: {}".format(state.epoch, "; ".join(
-                    f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())))
-            record_resume(out, state.epoch, changed)
-    except OSError as e:
-        raise UserError(f"train: writing {target} failed: {e.strerror}; free space (or fix the folder) and run "
-                        f"the same command again") from None
-    state.data, state.config = data_fp, now
+# ----------------------------------------------------------------------------- the builders
+
+def start_processes(cfg: Config):
+    """The Accelerator and its mixed precision; what this machine needs checked before any work."""
+    accelerator, mp = make_accelerator(cfg)
+    if accelerator.num_processes > 1:
+        note_peers(accelerator)  # (to name a rank that dies later)
+    if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
+        host_memory.keep_freed_memory()
+    check_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp)
+    return accelerator, mp
 
 
-def write_in_background() -> bool:
-    """Checkpoint files are written while the next epoch runs where the model trains on a GPU (the
-    host's cores are free); where it trains on the CPU, they are written between epochs."""
-    return torch.cuda.is_available()
-
-
-def prepare_data(cfg: Config, accelerator, log) -> tuple[loaders.Data, dict | None]:
-    """This rank's data, and (rank 0) the fingerprint of what it trains on."""
+def screened_splits(cfg: Config, accelerator, log) -> tuple[list[str], list, list, ScanReport]:
+    """The data set's classes and samples, every file checked (rank 0 scans, every rank gets the
+    result, so all agree on what is left out); the demo set generated first where asked for."""
     if cfg.data.demo:
         if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
             log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
         # (on every node's first rank; the others wait, then all learn of a refusal together)
         agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
     classes, train, val = agree(accelerator, listing.list_splits, cfg.data.root)
-    if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the bytes,
-        # when there are other machines to compare with)
-        check_same_data(accelerator, listing.identity(cfg.data.root, classes, train, val,
-                                                   deep=accelerator.is_local_main_process and spans_machines(accelerator)))
-    # One scan on rank 0, shared with every rank, so all ranks agree on what is left out.
+    if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the
+        # bytes, when there are other machines to compare with)
+        deep = accelerator.is_local_main_process and spans_machines(accelerator)
+        check_same_data(accelerator, listing.identity(cfg.data.root, classes, train, val, deep=deep))
     report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, train, val, log))
     if report.bad:
         train = [s for s in train if s[0] not in report.bad]
         val = [s for s in val if s[0] not in report.bad]
+    return classes, train, val, report
+
+
+def prepare_data(cfg: Config, accelerator, log) -> tuple[loaders.Data, dict | None]:
+    """This rank's data, and (rank 0) the fingerprint of what it trains on."""
+    classes, train, val, report = screened_splits(cfg, accelerator, log)
     fingerprint = data_fingerprint(train, val, report.nbytes) if accelerator.is_main_process else None
-    return agree(accelerator, loaders.build, cfg.data, classes, train, val, seed=cfg.train.seed,
-                 world=accelerator.num_processes, rank=accelerator.process_index,
-                 device=accelerator.device, sizes=report.sizes), fingerprint
+    d = agree(accelerator, loaders.build, cfg.data, classes, train, val, seed=cfg.train.seed,
+              world=accelerator.num_processes, rank=accelerator.process_index,
+              device=accelerator.device, sizes=report.sizes)
+    if d.warning:
+        log(d.warning)
+    return d, fingerprint
 
 
-def scan_split_files(cfg: Config, train: list, val: list, log):
-    """Rank 0's pre-flight check of every file; stops the run on bad files unless told to skip them."""
+def scan_split_files(cfg: Config, train: list, val: list, log) -> ScanReport:
+    """The pre-flight check of every file; stops the run on bad files unless told to skip them."""
     t0, warnings = time.perf_counter(), []
     report = screen_files([p for p, _ in train + val], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
                           warnings.append)
@@ -241,3 +162,137 @@ def scan_split_files(cfg: Config, train: list, val: list, log):
             if all(p in report.bad for p, _ in samples):
                 raise UserError(f"data: no usable images left in {cfg.data.root}/{split} after leaving out bad files")
     return report
+
+
+def read_state(cfg: Config, accelerator, net: torch.nn.Module, classes: list[str], log) -> RunState | None:
+    """The state to resume from, its weights loaded into ``net``; None for a fresh start. Rank 0
+    reads, every rank receives (no shared filesystem needed across machines)."""
+    if cfg.train.resume == "none":
+        return None
+    state = on_main_then_share(accelerator, lambda: read_resume(cfg, model_identity(cfg, classes)))
+    if state is None:
+        return None
+    out = Path(cfg.train.output_dir)
+    try:
+        pretrained.load_state(net, state.model)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
+                        f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
+    log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_epoch_val_acc:.4f} "
+        f"at epoch {state.best_epoch})")
+    return state
+
+
+def shape_model(cfg: Config, net: torch.nn.Module, processes: int) -> tuple[torch.nn.Module, bool]:
+    """The network as it trains: SyncBatchNorm across processes if asked, channels-last where it
+    helps, compiled if asked; and whether it is channels-last (the inputs must follow)."""
+    if cfg.train.sync_batchnorm and processes > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    channels_last = backbones.uses_channels_last(cfg.model)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        net.compile(mode=cfg.train.compile_mode)
+    return net, channels_last
+
+
+def restore_optimizer_and_rngs(optimizer: torch.optim.Optimizer, state: RunState, accelerator, out: Path) -> None:
+    try:
+        optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"resume: the optimizer state in {out / 'resume.pt'} does not fit this run ({e}); "
+                        f"use another train.output_dir or train.resume=none") from None
+    # Data order and augmentation do not depend on these; with another world size they are
+    # left as seeded, which changes nothing the run draws.
+    if len(state.rng) == accelerator.num_processes:
+        set_rng_state(state.rng[accelerator.process_index])
+
+
+def build_step(cfg: Config, accelerator, optimizer, mp: str) -> TrainStep:
+    step: TrainStep = EagerStep(accelerator, optimizer)
+    if cfg.train.cuda_graphs:  # (its needs were checked in start_processes)
+        step = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
+                           capture=accelerator.device.type == "cuda", fallback=step)
+    return step
+
+
+def step_settings(cfg: Config, frozen: bool, channels_last: bool, d: loaders.Data, device) -> StepSettings:
+    weights = (optim.class_weights([y for _, y in d.train.samples], len(d.classes)).to(device)
+               if cfg.train.class_weights == "balanced" else None)
+    t = cfg.train
+    return StepSettings(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn, t.grad_accum_steps,
+                        t.label_smoothing, weights, t.seed, t.mixup_alpha, t.cutmix_alpha, t.mix_prob)
+
+
+def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data, mp: str) -> dict:
+    """What every checkpoint of this run says about itself (the predictor needs nothing else)."""
+    return {
+        "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
+        "arch_kwargs": backbones.arch_kwargs(cfg.model, cfg.data.image_size),
+        "head": heads.head_name(accelerator.unwrap_model(net)),
+        "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
+        "interpolation": cfg.data.interpolation,
+        "mean": cfg.data.mean, "std": cfg.data.std, "world_size": accelerator.num_processes,
+        "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
+        "data_path": d.describe(accelerator.device),
+    }
+
+
+def build_ema(cfg: Config, model: torch.nn.Module, state: RunState, log) -> EMA | None:
+    """train.ema_decay's average of the weights (after prepare: it lives where the model does)."""
+    if cfg.train.ema_decay <= 0:
+        return None
+    ema = EMA(model, cfg.train.ema_decay)
+    if state.ema is not None:
+        ema.load(state.ema, state.ema_updates)
+    elif state.epoch >= 0:
+        log(f"note: train.ema_decay is new at this resume: the average starts from epoch {state.epoch}'s weights")
+    return ema
+
+
+def keeps_val_features(cfg: Config, model: torch.nn.Module, frozen: bool, val_images: int) -> bool:
+    """A fixed backbone computes the same val features every epoch: keep them (see HeadInputs) when
+    they fit the host cache budget (fp32 size, an upper bound: one vector per val image). Only for
+    a Linear head: its output is the model's (SqueezeNet's conv head is followed by pooling)."""
+    head = heads.head_module(model)
+    feature_bytes = val_images * getattr(head, "in_features", 0) * 4
+    return (frozen and cfg.model.frozen_bn == "eval" and isinstance(head, torch.nn.Linear)
+            and feature_bytes <= cfg.data.cache_gb * 2**30)
+
+
+# ----------------------------------------------------------------------------- the run's first lines and files
+
+def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, log) -> None:
+    """The run directory's account of how its weights are made (rank 0): a fresh run writes its
+    config.yaml; a resume keeps it, says what changed since (data, settings) and appends that to
+    resumes.jsonl. The state then describes this segment."""
+    now = cfg.to_dict()
+    if state.epoch < 0:
+        run_dir.write_config(out, config.dump(cfg))
+    else:
+        changed = changes(state, data_fp, now)
+        if changed:
+            log("note: changed since epoch {}: {}".format(state.epoch, "; ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())))
+        run_dir.record_resume(out, state.epoch, changed)
+    state.data, state.config = data_fp, now
+
+
+def first_lines(cfg: Config, accelerator, d: loaders.Data, meta: dict, mp: str, start: int, log) -> None:
+    """Rank 0: what this run is, settings that are likely a mistake, and the first picture."""
+    log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
+        f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
+        f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
+    if cfg.scheduler.warmup_epochs >= cfg.train.epochs:
+        log(f"warning: scheduler.warmup_epochs ({cfg.scheduler.warmup_epochs:g}) is not shorter than train.epochs "
+            f"({cfg.train.epochs}): the learning rate rises for the whole run and never trains at optim.lr; "
+            f"shorten the warm-up (a few epochs, or a fraction of one)")
+    if cfg.train.plots and start == 0:
+        visualize.drawn(visualize.train_batch, d.train, d.classes, Path(cfg.train.output_dir) / "train_batch.png",
+                        seed=cfg.train.seed)
+
+
+def write_in_background() -> bool:
+    """Checkpoint files are written while the next epoch runs where the model trains on a GPU (the
+    host's cores are free); where it trains on the CPU, they are written between epochs."""
+    return torch.cuda.is_available()

@@ -1,9 +1,9 @@
-"""fit(cfg): one training job. Set up, then the epoch loop (``_fit``, one screen), then finish.
+"""fit(cfg): one training job. Set up (``setup``), then the epoch loop (``_fit``, one screen), then finish.
 
 Rank 0 writes every file; all ranks agree on "best" because they compare the same reduced metric.
-Who owns what: the processes (``distributed``), the run state and its files (``runstate``), one
-epoch's train and eval (``engine``), the optimizer and schedule (``recipe``), the model (``model``),
-the data (``data``).
+Who owns what: the processes (``tl_dist.distributed``), the run state (``run_state``) and the run
+directory's files (``tl_dist.files.run_dir``), one epoch's train and eval (``engine``), the optimizer
+and its schedule (``optim``), the model (``tl_dist.models``), the data (``tl_dist.data``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from pathlib import Path
 from tl_dist import visualize
 from tl_dist.files import background_writer, run_dir
 from tl_dist.data import loaders
-from tl_dist.training import optim
 from tl_dist.models import backbones, heads, pretrained
 from tl_dist.config import Config
 from tl_dist.distributed import (StopRequest, as_job_failure, assert_ranks_in_sync, gather_objects, share_buffers)
@@ -34,7 +33,7 @@ from tl_dist.training.setup import Run, set_up, write_in_background
 @dataclass
 class RunResult:
     output_dir: Path
-    best_val_acc: float
+    best_epoch_val_acc: float  # the val accuracy of the best epoch (by train.select_best_by)
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     interrupted: int = 0  # the signal that stopped the run, 0 if it ran to the end
@@ -88,35 +87,33 @@ def end_status(cfg: Config, lock: run_dir.RunLock, status: str, detail: str = ""
 
 def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWriter, lock: run_dir.RunLock) -> RunResult:
     run = set_up(cfg, lock)
-    acc, state, d = run.accelerator, run.state, run.data
+    accelerator, state, d = run.accelerator, run.state, run.data
     t_run, interrupted = time.perf_counter(), 0
     for epoch in range(state.next_epoch, cfg.train.epochs):
         if stops_early(cfg, state, run.log):
             break
-        if run.ctx.frozen and not heads.frozen_at(cfg.model, epoch):
+        if run.settings.frozen and not heads.frozen_at(cfg.model, epoch):
             run.unfreeze(epoch)
-        lrs = optim.set_lrs(run.optimizer, cfg, epoch)
+        lrs = run.schedule.start_epoch(epoch)
         d.train_sampler.set_epoch(epoch)
-        tr = train_one_epoch(acc, run.net, run.step, d.train_loader, d.train_sampler, run.ctx, epoch,
-                             should_stop=lambda: stop.check(acc),
-                             on_window=functools.partial(run.before_step, epoch, lrs),
-                             after_step=run.ema.update if run.ema else lambda: None)
+        tr = train_one_epoch(accelerator, run.net, run.step, d.train_loader, d.train_sampler, run.settings, epoch,
+                             schedule=run.schedule, ema=run.ema, stop=stop, tracking=run.tracking)
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
         check_finite("train", tr.loss, epoch, run)
         run.drop_failed_graphs()
-        share_buffers(acc, run.net)
-        va = evaluate(acc, run.ema.module if run.ema else run.net, d.val_loader, run.ctx, len(d.classes), epoch,
+        share_buffers(accelerator, run.net)
+        va = evaluate(accelerator, run.ema.module if run.ema else run.net, d.val_loader, run.settings, len(d.classes), epoch,
                       run.head_inputs)
         check_finite("val", va.loss, epoch, run)
-        digest = assert_ranks_in_sync(acc, run.net, epoch)
+        digest = assert_ranks_in_sync(accelerator, run.net, epoch)
         report_bad_images(cfg, d, tr, va, epoch, run.log)
-        row = metrics_row(epoch, tr, va, lrs, run.ctx.frozen, digest, acc.device)
+        row = metrics_row(epoch, tr, va, lrs, run.settings.frozen, digest, accelerator.device)
         is_best = record_and_save(run, writer, row, va)
         run.tracking.epoch(row)
-        run.log(epoch_line(row, cfg.train.epochs, lrs, run.ctx.frozen, is_best))
-        if stop.check(acc) and epoch + 1 < cfg.train.epochs:
+        run.log(epoch_line(row, cfg.train.epochs, lrs, run.settings.frozen, is_best))
+        if stop.check(accelerator) and epoch + 1 < cfg.train.epochs:
             interrupted = stop.signum or signal.SIGTERM
             break
     return finish(run, writer, interrupted, time.perf_counter() - t_run)
@@ -159,19 +156,19 @@ def check_finite(split: str, loss: float, epoch: int, run: Run) -> None:
 
 def record_and_save(run: Run, writer: background_writer.BackgroundWriter, row: dict, va: EpochResult) -> bool:
     """Add the epoch to the run state and (rank 0) hand its files to the writer; True if it is the best."""
-    acc, state = run.accelerator, run.state
+    accelerator, state = run.accelerator, run.state
     score = score_of(row, run.cfg.train.select_best_by)
     is_best = state.improves(score)
     # CPU copies, taken now: kept as the best, and written while the next epoch trains. The
     # average (train.ema_decay) is what was evaluated, so it is what best and last hold.
-    keep = is_best or acc.is_main_process
-    weights = (background_writer.snapshot(acc.unwrap_model(run.net).state_dict())
-               if acc.is_main_process or (is_best and run.ema is None) else None)
+    keep = is_best or accelerator.is_main_process
+    weights = (background_writer.snapshot(accelerator.unwrap_model(run.net).state_dict())
+               if accelerator.is_main_process or (is_best and run.ema is None) else None)
     ema = background_writer.snapshot(run.ema.state_dict()) if run.ema and keep else None
     state.record(row, score, va.confusion, weights, ema)
     state.ema_updates = run.ema.updates if run.ema else 0
-    rngs = gather_objects(acc, rng_state())
-    if acc.is_main_process:
+    rngs = gather_objects(accelerator, rng_state())
+    if accelerator.is_main_process:
         state.optimizer, state.rng = background_writer.snapshot(run.optimizer.state_dict()), rngs
         meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss, "macro_f1": row["macro_f1"]}
         resume = state.to_resume(model_identity(run.cfg, run.data.classes))
@@ -180,8 +177,8 @@ def record_and_save(run: Run, writer: background_writer.BackgroundWriter, row: d
 
 
 def finish(run: Run, writer: background_writer.BackgroundWriter, interrupted: int, total: float) -> RunResult:
-    acc, state, out = run.accelerator, run.state, run.out
-    acc.wait_for_everyone()
+    accelerator, state, out = run.accelerator, run.state, run.out
+    accelerator.wait_for_everyone()
     if interrupted:
         writer.wait()  # before saying so
         if state.epoch >= 0:
@@ -190,15 +187,15 @@ def finish(run: Run, writer: background_writer.BackgroundWriter, interrupted: in
         else:
             run.log("interrupted: stopped at a step boundary before the first epoch ended; nothing was saved")
         run.tracking.end()
-        return RunResult(out, state.best_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
+        return RunResult(out, state.best_epoch_val_acc, state.best_epoch, state.history, interrupted=int(interrupted))
 
     if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
-        pretrained.load_state(acc.unwrap_model(run.net), state.best_model)
-    if acc.is_main_process:
+        pretrained.load_state(accelerator.unwrap_model(run.net), state.best_model)
+    if accelerator.is_main_process:
         summary(state, total, out)
         if run.cfg.train.plots and state.best_model is not None:
-            visualize.after_training(acc.unwrap_model(run.net), run.data, run.ctx, state.history,
-                                     state.best_confusion, out, acc.device, state.best_epoch)
+            visualize.after_training(accelerator.unwrap_model(run.net), run.data, run.settings, state.history,
+                                     state.best_confusion, out, accelerator.device, state.best_epoch)
         run.tracking.pictures(out, state.epoch + 1)
     run.tracking.end()
-    return RunResult(out, state.best_val_acc, state.best_epoch, state.history)
+    return RunResult(out, state.best_epoch_val_acc, state.best_epoch, state.history)
