@@ -55,10 +55,13 @@ def test_order_changes_with_epoch_and_seed():
     assert a != samplers.epoch_order(50, 0, 1) and a != samplers.epoch_order(50, 1, 0) and a == samplers.epoch_order(50, 0, 0)
 
 
-def test_eval_shards_cover_each_sample_once():
-    for n, world in [(13, 2), (3, 4), (100, 3)]:
-        idx = [k[0] for r in range(world) for b in samplers.EvalBatchSampler(n, 4, world, r) for k in b]
-        assert idx == list(range(n))
+def test_eval_shards_cover_each_sample_once_in_the_batches_of_one_process():
+    for n, world in [(13, 2), (3, 4), (100, 3), (18, 2)]:
+        batches = [[k[0] for k in b] for r in range(world) for b in samplers.EvalBatchSampler(n, 4, world, r)]
+        # every sample once, in order, and batch for batch what one process evaluates: the same
+        # numbers for any world size (and the rule tl-dist evaluate shards by)
+        assert batches == [[k[0] for k in b] for b in samplers.EvalBatchSampler(n, 4, 1, 0)]
+        assert [i for b in batches for i in b] == list(range(n))
 
 
 def test_eval_transform_matches_seed_pipeline(tiny_data):

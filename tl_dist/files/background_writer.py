@@ -35,7 +35,7 @@ class BackgroundWriter:
 
     ``background=False`` runs each job inside ``submit``. That is the choice when the CPU trains the
     model: a writer thread then takes cores from the compute threads, which wait for each other at
-    every operation (measured on 2 cores: epochs 1.3 s slower, more than the writing itself costs).
+    every operation, and costs more than the writing itself (docs/performance.md has the figures).
     """
 
     def __init__(self, background: bool = True) -> None:

@@ -72,9 +72,7 @@ class GraphedStep:
     """The whole train step as one CUDA graph: forward, loss, backward, SGD step and metric sums.
 
     At the tutorial's batch size a GPU step is bound by launching its several hundred kernels one at
-    a time from Python (442 images/s for ResNet18's eager bf16 batch-4 step on an H200, in the
-    ceilings measured with the project's benchmark data, not a tl_dist run); replaying a captured
-    graph launches them all at once. A graph bakes in what it saw when it was captured; this class
+    a time from Python (see docs/performance.md); replaying a captured graph launches them all at once. A graph bakes in what it saw when it was captured; this class
     keeps each of those right:
     - the tensors it reads and writes: every batch is copied into fixed input buffers;
     - the learning rates, the trainable parameters and each layer's train/eval mode: they make
