@@ -35,8 +35,21 @@ def _key(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
 
 @dataclass
 class DataConfig:
-    root: str = _key("data/hymenoptera_data", "folder holding train/ and val/, one sub-folder per class")
+    root: str = _key("data/hymenoptera_data", "folder holding train/ and val/, one sub-folder per class; or one "
+                     "folder of class sub-folders (with val_split); or the images of a labels file")
     demo: bool = _key(False, "generate the synthetic demo set into root (a missing or empty folder) if not there")
+    val_split: float = _key(0.0, "the share of each class's images made into val (0 = root's val/ folder, or the "
+                            "labels file's split column); drawn from split_seed, recorded in split.json")
+    test_split: float = _key(0.0, "the share of each class's images held out as test (never read by training; "
+                             "tl-dist evaluate --split test); needs val_split")
+    split_seed: int = _key(0, "the seed of the val / test draw (its own: train.seed does not move images between parts)")
+    labels: str | None = _key(None, "a labels file under root (CSV with a header, or JSON Lines): one row per image "
+                              "with its path (relative to root), its label and optionally its split")
+    path_column: str = _key("path", "labels file: the column with the image's path")
+    label_column: str = _key("label", "labels file: the column with the image's class")
+    split_column: str = _key("split", "labels file: the column with train / val / test, if it has one")
+    classes: list[str] | None = _key(None, "labels file: the class names in the order of the head's outputs; null = "
+                                     "the labels found, sorted")
     image_size: int | None = _key(None, "RandomResizedCrop / CenterCrop size; null = the size the model's weights "
                                   "were trained at (224 for resnet18)")
     resize_size: int | None = _key(None, "val Resize before the centre crop; null = the weights' (256 for resnet18), "
@@ -200,6 +213,16 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.output_dir": (lambda v: v.strip() != "", "a folder path (not empty)"),
     "train.resume": (lambda v: v.strip() != "", "auto, none or a run directory"),
     "data.root": (lambda v: v.strip() != "", "a folder path (not empty)"),
+    "data.val_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1 (e.g. 0.2)"),
+    "data.test_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1 (e.g. 0.1)"),
+    "data.split_seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32-1"),
+    "data.labels": (lambda v: v is None or v.strip() != "", "a file path under data.root, or null"),
+    "data.path_column": (lambda v: v.strip() != "", "a column name"),
+    "data.label_column": (lambda v: v.strip() != "", "a column name"),
+    "data.split_column": (lambda v: v.strip() != "", "a column name"),
+    "data.classes": (lambda v: v is None or (len(v) >= 2 and len(set(v)) == len(v) and all(c.strip() == c != ""
+                                                                                           for c in v)),
+                     "a list of at least 2 distinct, non-empty class names, or null"),
     "train.grad_accum_steps": (lambda v: v > 0, "a positive integer"),
     "train.collective_timeout": (lambda v: v > 0, "a positive number of seconds"),
 }
@@ -215,6 +238,16 @@ def validate(cfg: Config, source: str) -> None:
                         f"over scheduler.pct_start of the run; set warmup_epochs to 0 (in {source})")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum == 0):
         raise UserError(f"config: optim.nesterov=true needs optim.name=sgd with optim.momentum > 0 (in {source})")
+    d = cfg.data
+    if d.val_split + d.test_split >= 1:
+        raise UserError(f"config: data.val_split + data.test_split must leave images to train on (they add up to "
+                        f"{d.val_split + d.test_split:g}) (in {source})")
+    if d.test_split > 0 and d.val_split == 0:
+        raise UserError(f"config: data.test_split needs data.val_split too: both parts are drawn from the same "
+                        f"images (in {source})")
+    if d.classes is not None and not d.labels:
+        raise UserError(f"config: data.classes applies to a labels file (data.labels); class folders name the "
+                        f"classes themselves (in {source})")
     m = cfg.model
     if m.mode == "frozen_then_finetune":
         if m.unfreeze_epoch is None:

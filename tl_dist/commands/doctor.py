@@ -48,6 +48,8 @@ class Skip(Exception):
     """A feature this machine cannot run (no GPU, one GPU, ...): the reason is the message."""
 
 
+# ----------------------------------------------------------------------------- environment
+
 def environment() -> dict:
     import torch
 
@@ -78,6 +80,8 @@ def environment() -> dict:
         "default_weights": {"file": str(cached), "cached": cached.is_file()},
     }
 
+
+# ----------------------------------------------------------------------------- the self-test
 
 def tiny_set(root: Path, per_class: int = 8, val_per_class: int = 4) -> Path:
     """Two learnable classes (a dark or a light disc) as small JPEGs: root/train|val/class/*.jpg."""
@@ -307,6 +311,8 @@ def run_checks(work: Path, on_result: Callable[[Check], None] = lambda c: None) 
         on_result(results[-1])
     return results
 
+
+# ----------------------------------------------------------------------------- command line
 
 def _print_environment(env: dict) -> None:
     gpus = "; ".join(f"{g['index']}: {g['name']} {g['memory_gib']} GiB, sm {g['capability']}, "

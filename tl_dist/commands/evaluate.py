@@ -32,6 +32,8 @@ from tl_dist.predictor import TRUST_HELP
 ECE_BINS = 15
 
 
+# ----------------------------------------------------------------------------- metrics (pure)
+
 def classification_metrics(logits, labels, classes: list[str], batch: int = 64, top_k: int = 5) -> dict:
     """Every number evaluate reports, from the logits (float, N x C) and true labels (N,).
 
@@ -97,6 +99,8 @@ def reliability_bins(logits, labels) -> list[dict]:
                     "confidence": float(conf[inside].double().mean()) if count else None})
     return out
 
+
+# ----------------------------------------------------------------------------- data
 
 def find_split(data_dir: Path, split: str | None) -> Path:
     """DATA_DIR/<split>; without --split, DATA_DIR/test if it is there, else DATA_DIR itself (a split
@@ -189,6 +193,54 @@ def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bo
     return (torch.cat(plain) if plain else empty), ((torch.cat(mirrored) if mirrored else empty) if flip else None)
 
 
+# The data keys that decide a run's parts: evaluate rebuilds them from the checkpoint's config.
+PART_KEYS = ("val_split", "test_split", "split_seed", "labels", "path_column", "label_column", "split_column",
+             "classes")
+
+
+def run_data_set(ckpt: Path, meta: dict, data_dir: Path):
+    """The run's own parts under ``data_dir``, for a run whose parts were drawn (data.val_split: the
+    split.json beside the checkpoint) or listed in a labels file; None for train/ and val/ folders."""
+    from tl_dist import config
+    from tl_dist.data import listing, splits
+    from tl_dist.files import run_dir
+
+    run = meta.get("config", {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
+    if not isinstance(run, dict) or not (run.get("labels") or run.get("val_split")):
+        return None
+    cfg = config.Config()
+    for key in PART_KEYS:
+        if key in run:
+            config.set_key(cfg, f"data.{key}", run[key], f"{ckpt}'s config")
+    cfg.data.root = str(data_dir)
+    recorded = None
+    if "split" in meta:
+        recorded = run_dir.read_split(ckpt.parent)
+        if recorded is None:
+            raise UserError(f"evaluate: {ckpt} was trained on parts drawn by data.val_split, recorded in the run's "
+                            f"split.json, which is not in {ckpt.parent}; copy it there beside the checkpoint")
+        if splits.summary(recorded) != meta["split"]:
+            raise UserError(f"evaluate: {ckpt.parent / 'split.json'} is not the split {ckpt.name} was trained on "
+                            f"(its parts' hashes differ); use the run directory the checkpoint came from")
+    return listing.list_data(cfg.data, recorded)
+
+
+def run_part(data, part: str, classes: list[str], ckpt: Path) -> list[tuple[str, int]]:
+    """``part`` of the run's data, as (path, checkpoint class index)."""
+    if part not in ("train", "val", "test"):
+        raise UserError(f"evaluate: --split {part}: this run's parts are train, val{', test' if data.test else ''}")
+    samples = getattr(data, part)
+    if not samples:
+        raise UserError(f"evaluate: --split {part}: the run has no {part} part (data.test_split was 0); "
+                        f"use --split val")
+    if data.classes != classes:
+        raise UserError(f"evaluate: the data's classes ({first_few(data.classes, 6)}) are not {ckpt}'s "
+                        f"({first_few(classes, 6)}); evaluate on the data the run was trained on")
+    return samples
+
+
+# ----------------------------------------------------------------------------- outputs
+
 def write_outputs(out: Path, metrics: dict, paths: list[str], labels, logits, classes: list[str],
                   predictor, tta: dict | None) -> None:
     from tl_dist.files import atomic
@@ -254,6 +306,8 @@ def summary(metrics: dict, tta: dict | None, out: Path) -> None:
           f"top_losses.png", flush=True)
 
 
+# ----------------------------------------------------------------------------- command line
+
 def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Measure a checkpoint on a labelled ImageFolder split.")
     p.add_argument("data_dir", help="a split folder (class sub-folders) or a root holding --split")
@@ -291,7 +345,16 @@ def _evaluate(args) -> int:
     from tl_dist.data.samplers import eval_batch_size, eval_shard
 
     ckpt = Path(args.checkpoint).expanduser() if format_of(args.checkpoint) else checkpoint.locate(args.checkpoint)
-    folder = find_split(Path(args.data_dir).expanduser(), args.split)
+    data_dir = Path(args.data_dir).expanduser()
+    # A run whose parts came from data.val_split or a labels file is evaluated on those parts.
+    run_data = None if format_of(ckpt) else run_data_set(ckpt, checkpoint.read_metadata(ckpt), data_dir)
+    if run_data is not None:
+        part = args.split or ("test" if run_data.test else "val")
+        folder = data_dir / part  # (names the default --out; the images come from the run's parts)
+        described = f"{data_dir} ({part} part: {run_data.layout})"
+    else:
+        folder = find_split(data_dir, args.split)
+        described = str(folder)
     out = Path(args.out).expanduser() if args.out else ckpt.parent / f"eval_{folder.name}"
     check_out(out, args.force)  # before any work: a place that cannot take the results fails now
     acc = distributed.plain_accelerator(cuda=args.device != "cpu" and torch.cuda.is_available())
@@ -299,10 +362,11 @@ def _evaluate(args) -> int:
     predictor = Predictor.from_checkpoint(ckpt, device=str(acc.device) if device == "cuda" else "cpu",
                                           trust_code=args.trust_code)
     classes = predictor.classes
-    samples = list_labelled(folder, classes)
+    samples = list_labelled(folder, classes) if run_data is None else run_part(run_data, part, classes, ckpt)
+    lines = run_data.line_numbers if run_data is not None and run_data.rows is not None else None
     report = distributed.on_main_then_share(acc, lambda: screen_files(
         [s for s, _ in samples], str(folder), args.skip_bad_images, "pass --skip-bad-images",
-        lambda line: print(printable(line), file=sys.stderr), who="evaluate"))  # (rank 0 scans and says)
+        lambda line: print(printable(line), file=sys.stderr), who="evaluate", lines=lines))  # (rank 0 scans and says)
     samples = [s for s in samples if s[0] not in report.bad]
     cfg = predictor.meta.get("config", {}).get("data", {})
     batch = args.batch_size or eval_batch_size(cfg.get("eval_batch_size"), cfg.get("batch_size", 4))
@@ -318,7 +382,7 @@ def _evaluate(args) -> int:
     if not acc.is_main_process:
         return 0
     logits = torch.cat([a for a, _ in parts])
-    metrics = {"checkpoint": str(ckpt), "data": str(folder), "batch_size": batch,
+    metrics = {"checkpoint": str(ckpt), "data": described, "batch_size": batch,
                **classification_metrics(logits, labels, classes, batch)}
     tta = None
     if args.tta:

@@ -195,13 +195,15 @@ SKIP_BAD_IMAGES = "set data.skip_bad_images=true"  # how a training config leave
 
 
 def screen_files(paths: list[str], where: str, skip: bool, how_to_skip: str, warn: Callable[[str], None],
-                 who: str = "data") -> ScanReport:
+                 who: str = "data", lines: Callable[[list[str]], dict[str, str]] | None = None) -> ScanReport:
     """The bad-image rule, one for training, lr-find and evaluate: scan ``paths``; bad files stop
     the command with one line listing them, unless ``skip`` (the user's ``how_to_skip``), when they
-    are left out with a warning. The report says which."""
+    are left out with a warning. The report says which. ``lines`` names where a path came from (a
+    labels file's line), for the message."""
     report = scan_files(paths)
     if report.bad:
-        listing = first_few(list(report.bad.values()), 10)
+        named = lines(list(report.bad)) if lines else {}
+        listing = first_few([f"{named[p]}: {why}" if p in named else why for p, why in report.bad.items()], 10)
         if not skip:
             raise UserError(f"{who}: {len(report.bad)} bad image file(s) under {where}: {listing}. "
                             f"Fix or remove them, or {how_to_skip} to leave them out")

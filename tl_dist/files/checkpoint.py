@@ -112,6 +112,16 @@ def _arch_kwargs_ok(kw: Any) -> bool:
     return True
 
 
+def _split_ok(split: Any) -> bool:
+    """A made split's summary: its seed and fractions, and per part a count and a hash."""
+    try:
+        return (isinstance(split["split_seed"], int) and _number(split["val_split"]) and _number(split["test_split"])
+                and all(name in ("train", "val", "test") and isinstance(p["images"], int) and isinstance(p["hash"], str)
+                        for name, p in split["parts"].items()))
+    except (TypeError, KeyError, AttributeError):
+        return False
+
+
 def metadata_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with a checkpoint's metadata, or None: every field a reader uses, checked
     before anything is allocated from it (the file may come from anywhere)."""
@@ -142,6 +152,7 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
         ("macro_f1", "macro_f1" not in meta or (_number(meta["macro_f1"]) and 0 <= meta["macro_f1"] <= 1),
          "a number from 0 to 1"),
         ("val_loss", "val_loss" not in meta or _number(meta["val_loss"]), "a finite number"),
+        ("split", "split" not in meta or _split_ok(meta["split"]), "the summary of a split.json"),
     )
     for key, ok, expected in checks:
         if not ok:

@@ -21,7 +21,7 @@ from tl_dist.files.resume_file import RESUME_FILE
 
 # The files a training run writes into its output directory (the pictures are written in place).
 RUN_FILES = ("best.safetensors.", "best.json.", "last.safetensors.", "last.json.", "metrics.jsonl.", "resume.pt.",
-             "config.yaml.", "resumes.jsonl.")
+             "config.yaml.", "resumes.jsonl.", "split.json.")
 
 
 RUN_FILE_NAMES = tuple(f.rstrip(".") for f in RUN_FILES)
@@ -136,6 +136,31 @@ def write_status(out: Path, status: str, detail: str = "") -> None:
     reads it."""
     info = {"status": status, "detail": detail, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic.atomic_write_text(out / STATUS, json.dumps(info, allow_nan=False) + "\n")
+
+
+SPLIT = "split.json"
+
+
+def write_split(out: Path, record: dict) -> None:
+    """The run's val / test split (data.val_split), every part's relative paths: a resume and
+    ``tl-dist evaluate`` use it instead of drawing again."""
+    _segment_file(out / SPLIT, json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
+
+
+def read_split(folder: Path) -> dict | None:
+    """The split a run recorded in ``folder``, or None if it has none."""
+    path = folder / SPLIT
+    if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"data: {path} cannot be read ({str(e)[:80]}); it records the run's split: restore it, or "
+                        f"train into another train.output_dir") from None
+    if not isinstance(record, dict):
+        raise UserError(f"data: {path} is not a split record; restore it, or train into another train.output_dir")
+    return record
 
 
 def write_config(out: Path, text: str) -> None:

@@ -69,8 +69,8 @@ def set_up(cfg):
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type == "cuda")
     seed_everything(cfg.train.seed)
     # progress and warnings on stderr: stdout is the suggestion
-    classes, train, val, report = setup.screened_splits(cfg, accelerator, lambda line: print(printable(line),
-                                                                                              file=sys.stderr))
+    data, report = setup.screened_splits(cfg, accelerator, lambda line: print(printable(line), file=sys.stderr))
+    classes, train, val = data.classes, data.train, data.val
     # (the val split is scanned with the rest but not read: one image keeps the loaders' shape)
     d = loaders.build(cfg.data, classes, train, val[:1], seed=cfg.train.seed, device=device, sizes=report.sizes)
     net = backbones.build(cfg.model, len(classes), cfg.data.image_size).to(device)

@@ -101,6 +101,8 @@ def score_of(row: dict, by: str) -> float:
     return row.get(by, -math.inf)  # macro_f1 is missing from rows written before it was measured
 
 
+# ----------------------------------------------------------------------------- resuming
+
 def resume_path(cfg: Config) -> Path:
     src = Path(cfg.train.output_dir) if cfg.train.resume == "auto" else Path(cfg.train.resume)
     return src / RESUME_FILE if src.is_dir() or cfg.train.resume == "auto" else src
@@ -129,6 +131,8 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
             state.best_model = checkpoint.load_weights(best)[0]
     return state
 
+
+# ----------------------------------------------------------------------------- what changed at a resume
 
 # Keys whose change at a resume is the normal case, not news.
 EXPECTED_CHANGES = ("train.epochs", "train.resume")
@@ -162,11 +166,15 @@ def changes(state: RunState, data: dict, config: dict) -> dict[str, list]:
         elif old["hash"] != new["hash"]:
             out[f"{split} files"] = ["changed", f"same count ({new['images']}), other files or sizes"]
     if state.config:
-        old, new = _flat(state.config), _flat(config)
+        old, new, default = _flat(state.config), _flat(config), _flat(Config().to_dict())
+        # (a key newer than the saved config, at its default, changes nothing the run does)
         out.update({k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-                    if k not in EXPECTED_CHANGES and old.get(k) != new.get(k)})
+                    if k not in EXPECTED_CHANGES and old.get(k) != new.get(k)
+                    and not (k not in old and new.get(k) == default.get(k))})
     return out
 
+
+# ----------------------------------------------------------------------------- RNG states
 
 def seed_everything(seed: int) -> None:
     """Python's, numpy's and torch's (CPU and every GPU) RNGs, from ``seed``."""

@@ -15,7 +15,7 @@ import torch
 
 from tl_dist import config, tracking, visualize
 from tl_dist.config import Config
-from tl_dist.data import demo, listing, loaders
+from tl_dist.data import demo, listing, loaders, splits
 from tl_dist.data.images import SKIP_BAD_IMAGES, ScanReport, screen_files
 from tl_dist.distributed import (agree, check_same_data, make_accelerator, note_peers, on_main_then_share,
                                  rewrap_unfrozen, spans_machines)
@@ -28,7 +28,7 @@ from tl_dist.training.ema import EMA
 from tl_dist.training.engine import EagerStep, HeadInputs, StepSettings, TrainStep
 from tl_dist.training.reporting import say, versions
 from tl_dist.training.run_state import (RunState, changes, data_fingerprint, model_identity, read_resume,
-                                        seed_everything, set_rng_state)
+                                        resume_path, seed_everything, set_rng_state)
 
 
 @dataclass
@@ -76,7 +76,7 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     agree(accelerator, lambda: run_dir.prepare_output_dir(out, lock, cfg.train.resume) if main_proc else None)
     seed_everything(cfg.train.seed)
 
-    d, fingerprint = prepare_data(cfg, accelerator, log)
+    d, fingerprint, listed = prepare_data(cfg, accelerator, log)
     net = agree(accelerator, backbones.build, cfg.model, len(d.classes), cfg.data.image_size)
     state = read_state(cfg, accelerator, net, d.classes, log)
     start = state.next_epoch if state is not None else 0
@@ -92,12 +92,12 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     net, optimizer = accelerator.prepare(net, optimizer)
     step = build_step(cfg, accelerator, optimizer, mp)
     settings = step_settings(cfg, frozen, channels_last, d, accelerator.device)
-    meta = run_metadata(cfg, accelerator, net, d, mp)
+    meta = run_metadata(cfg, accelerator, net, d, mp, listed.split)
     state = state or RunState()
     # (through agree: a failed write stops every rank at once, not only rank 0)
-    agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, log) if main_proc else None)
+    agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, listed.split, log) if main_proc else None)
     if main_proc:
-        first_lines(cfg, accelerator, d, meta, mp, start, log)
+        first_lines(cfg, accelerator, d, listed, meta, mp, start, log)
     return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, len(d.train)), step, settings,
                state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start),
                build_ema(cfg, accelerator.unwrap_model(net), state, log),
@@ -117,43 +117,57 @@ def start_processes(cfg: Config):
     return accelerator, mp
 
 
-def screened_splits(cfg: Config, accelerator, log) -> tuple[list[str], list, list, ScanReport]:
-    """The data set's classes and samples, every file checked (rank 0 scans, every rank gets the
-    result, so all agree on what is left out); the demo set generated first where asked for."""
+def screened_splits(cfg: Config, accelerator, log, recorded: dict | None = None) -> tuple[listing.DataSet, ScanReport]:
+    """The data set's classes and parts (train and val without the files the scan left out), every
+    file checked (rank 0 scans, every rank gets the result, so all agree on what is left out); the
+    demo set generated first where asked for. A split made by data.val_split keeps ``recorded``."""
     if cfg.data.demo:
         if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
             log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
         # (on every node's first rank; the others wait, then all learn of a refusal together)
         agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
-    classes, train, val = agree(accelerator, listing.list_splits, cfg.data.root)
+    data = agree(accelerator, listing.list_data, cfg.data, recorded)
+    if data.note:
+        log(data.note)
     if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the
         # bytes, when there are other machines to compare with)
         deep = accelerator.is_local_main_process and spans_machines(accelerator)
-        check_same_data(accelerator, listing.identity(cfg.data.root, classes, train, val, deep=deep))
-    report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, train, val, log))
+        check_same_data(accelerator, listing.identity(cfg.data.root, data.classes, data.train, data.val, deep=deep))
+    report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, data, log))
     if report.bad:
-        train = [s for s in train if s[0] not in report.bad]
-        val = [s for s in val if s[0] not in report.bad]
-    return classes, train, val, report
+        data.train = [s for s in data.train if s[0] not in report.bad]
+        data.val = [s for s in data.val if s[0] not in report.bad]
+    return data, report
 
 
-def prepare_data(cfg: Config, accelerator, log) -> tuple[loaders.Data, dict | None]:
-    """This rank's data, and (rank 0) the fingerprint of what it trains on."""
-    classes, train, val, report = screened_splits(cfg, accelerator, log)
-    fingerprint = data_fingerprint(train, val, report.nbytes) if accelerator.is_main_process else None
-    d = agree(accelerator, loaders.build, cfg.data, classes, train, val, seed=cfg.train.seed,
+def prepare_data(cfg: Config, accelerator, log) -> tuple[loaders.Data, dict | None, listing.DataSet]:
+    """This rank's data, (rank 0) the fingerprint of what it trains on, and the data set's listing
+    (its layout, and the split it made or kept: split.json's content)."""
+    recorded = on_main_then_share(accelerator, lambda: recorded_split(cfg))
+    data, report = screened_splits(cfg, accelerator, log, recorded)
+    fingerprint = data_fingerprint(data.train, data.val, report.nbytes) if accelerator.is_main_process else None
+    d = agree(accelerator, loaders.build, cfg.data, data.classes, data.train, data.val, seed=cfg.train.seed,
               world=accelerator.num_processes, rank=accelerator.process_index,
               device=accelerator.device, sizes=report.sizes)
     if d.warning:
         log(d.warning)
-    return d, fingerprint
+    return d, fingerprint, data
 
 
-def scan_split_files(cfg: Config, train: list, val: list, log) -> ScanReport:
-    """The pre-flight check of every file; stops the run on bad files unless told to skip them."""
+def recorded_split(cfg: Config) -> dict | None:
+    """The split of the run this one continues (its split.json), if it made one."""
+    if cfg.train.resume == "none":
+        return None
+    return run_dir.read_split(resume_path(cfg).parent)
+
+
+def scan_split_files(cfg: Config, data: listing.DataSet, log) -> ScanReport:
+    """The pre-flight check of every file training reads (train and val; a test part is never
+    read); stops the run on bad files unless told to skip them."""
     t0, warnings = time.perf_counter(), []
+    train, val = data.train, data.val
     report = screen_files([p for p, _ in train + val], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
-                          warnings.append)
+                          warnings.append, lines=data.line_numbers if data.rows is not None else None)
     log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
     for line in warnings:
         log(line)
@@ -224,9 +238,9 @@ def step_settings(cfg: Config, frozen: bool, channels_last: bool, d: loaders.Dat
                         t.label_smoothing, weights, t.seed, t.mixup_alpha, t.cutmix_alpha, t.mix_prob)
 
 
-def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data, mp: str) -> dict:
+def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data, mp: str, split: dict | None) -> dict:
     """What every checkpoint of this run says about itself (the predictor needs nothing else)."""
-    return {
+    meta = {
         "classes": d.classes, "num_classes": len(d.classes), "arch": cfg.model.arch, "mode": cfg.model.mode,
         "arch_kwargs": backbones.arch_kwargs(cfg.model, cfg.data.image_size),
         "head": heads.head_name(accelerator.unwrap_model(net)),
@@ -236,6 +250,9 @@ def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data
         "mixed_precision": mp, "config": cfg.to_dict(), "versions": versions(),
         "data_path": d.describe(accelerator.device),
     }
+    if split is not None:  # (the lists stay in split.json)
+        meta["split"] = splits.summary(split)
+    return meta
 
 
 def build_ema(cfg: Config, model: torch.nn.Module, state: RunState, log) -> EMA | None:
@@ -262,11 +279,13 @@ def keeps_val_features(cfg: Config, model: torch.nn.Module, frozen: bool, val_im
 
 # ----------------------------------------------------------------------------- the run's first lines and files
 
-def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, log) -> None:
+def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, split: dict | None, log) -> None:
     """The run directory's account of how its weights are made (rank 0): a fresh run writes its
-    config.yaml; a resume keeps it, says what changed since (data, settings) and appends that to
-    resumes.jsonl. The state then describes this segment."""
+    config.yaml (and split.json, when it made a split); a resume keeps them, says what changed since
+    (data, settings) and appends that to resumes.jsonl. The state then describes this segment."""
     now = cfg.to_dict()
+    if split is not None and run_dir.read_split(out) != split:
+        run_dir.write_split(out, split)
     if state.epoch < 0:
         run_dir.write_config(out, config.dump(cfg))
     else:
@@ -278,9 +297,11 @@ def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, log) ->
     state.data, state.config = data_fp, now
 
 
-def first_lines(cfg: Config, accelerator, d: loaders.Data, meta: dict, mp: str, start: int, log) -> None:
+def first_lines(cfg: Config, accelerator, d: loaders.Data, listed: listing.DataSet, meta: dict, mp: str, start: int,
+                log) -> None:
     """Rank 0: what this run is, settings that are likely a mistake, and the first picture."""
-    log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images, {len(d.classes)} classes; "
+    layout = "" if listed.layout == "folders" else f" ({listed.layout}{', in split.json' if listed.split else ''})"
+    log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images{layout}, {len(d.classes)} classes; "
         f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
         f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
     if cfg.scheduler.warmup_epochs >= cfg.train.epochs:

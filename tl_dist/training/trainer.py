@@ -132,6 +132,8 @@ def report_bad_images(cfg: Config, d: loaders.Data, tr: EpochResult, va: EpochRe
     log(f"warning: {len(bad)} image(s) failed to decode and were left out this epoch: {paths}")
 
 
+# ----------------------------------------------------------------------------- each epoch
+
 def stops_early(cfg: Config, state: RunState, log) -> bool:
     """train.early_stopping_patience: every rank sees the same reduced metrics, so all stop together;
     checked before each epoch, so a resumed run that had stopped stays stopped."""
@@ -175,6 +177,8 @@ def record_and_save(run: Run, writer: background_writer.BackgroundWriter, row: d
         writer.submit(functools.partial(save_epoch, run.out, meta, is_best, resume))
     return is_best
 
+
+# ----------------------------------------------------------------------------- finish
 
 def finish(run: Run, writer: background_writer.BackgroundWriter, interrupted: int, total: float) -> RunResult:
     accelerator, state, out = run.accelerator, run.state, run.out
