@@ -216,3 +216,32 @@ def test_a_row_whose_image_is_missing_is_named_by_its_line(flat, tmp_path, capsy
     assert train_in_process(tmp_path / "run", root, "data.labels=labels.csv") == 2
     err = capsys.readouterr().err.strip()
     assert f"line {len(lines) + 1}: " in err and "gone.jpg" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- a split is the run's
+
+@pytest.mark.slow
+def test_train_seed_does_not_move_images_between_parts(one_folder, tmp_path):
+    for seed in (0, 1):
+        assert train_in_process(tmp_path / f"s{seed}", one_folder, "data.val_split=0.3", f"train.seed={seed}",
+                                "train.epochs=1", "model.mode=frozen") == 0
+    assert (tmp_path / "s0" / "split.json").read_bytes() == (tmp_path / "s1" / "split.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_its_split_when_the_data_would_split_differently(one_folder, tmp_path, capsys):
+    root = tmp_path / "photos"
+    shutil.copytree(one_folder, root)
+    out = tmp_path / "run"
+    common = ("data.val_split=0.3", "model.mode=frozen")
+    assert train_in_process(out, root, *common, "train.epochs=1") == 0
+    recorded = (out / "split.json").read_bytes()
+    shutil.copy(root / "ants" / "ants_000.jpg", root / "ants" / "ants_new.jpg")  # a new image arrives
+    capsys.readouterr()
+    assert train_in_process(out, root, *common, "train.epochs=2") == 0
+    said = capsys.readouterr().out
+    assert "note: the data would split differently now (1 image(s) not in the recorded split are left out" in said
+    assert "the run keeps its split (split.json)" in said and "resuming" in said
+    assert (out / "split.json").read_bytes() == recorded
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_samples"] for r in rows] == [rows[0]["train_samples"]] * 2  # the new image is not trained on

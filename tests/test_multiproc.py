@@ -292,3 +292,19 @@ def test_torchrun_restarts_a_killed_rank_and_the_job_resumes(tiny_data, tmp_path
     assert plain.returncode == 0, log[-3000:]
     a, b = (load_file(str(tmp_path / n / "last.safetensors")) for n in ("killed", "plain"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_split_made_by_val_split_is_the_same_for_one_and_two_processes(tmp_path):
+    """The draw is a function of (split_seed, relative path) only: 2 processes record the split 1 does,
+    and evaluate the same val images to the same numbers (frozen: 1 x batch 6 == 2 x batch 3)."""
+    root = make_images(tmp_path / "photos", {"all": {"ants": 14, "bees": 12}}) / "all"
+    common = ("model.mode=frozen", "train.epochs=2", "data.val_split=0.3", "data.test_split=0.1")
+    one = run_cli("-m", "tl_dist.train", *_args(root, tmp_path / "one", *common, "data.batch_size=6"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch(2, *_args(root, tmp_path / "two", *common, "data.batch_size=3"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "one" / "split.json").read_bytes() == (tmp_path / "two" / "split.json").read_bytes()
+    ra, rb = ([json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    for x, y in zip(ra, rb):
+        assert x["val_acc"] == y["val_acc"] and x["val_samples"] == y["val_samples"] == 8
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-5

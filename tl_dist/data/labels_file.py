@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import posixpath
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,13 @@ SHOWN = 5  # problems named in the one line; the rest are counted
 
 @dataclass
 class Rows:
-    """The file's rows as parallel lists (a million rows stay small): the path relative to the data
-    root (normalised, '/'-separated), the label, the split (None without a split column) and the
-    file's line number."""
+    """The file's rows as parallel lists (a million rows take about 200 MB: benchmarks/labels_file.py):
+    the path relative to the data root (normalised, '/'-separated), the label and the split (one
+    shared string per distinct value; None without a split column), and the file's line number."""
     paths: list[str]
     labels: list[str]
     splits: list[str] | None
-    lines: list[int]
+    lines: array
 
 
 def read(file: Path, path_column: str, label_column: str, split_column: str) -> Rows:
@@ -116,10 +117,11 @@ def _json_lines(file: Path, f, path_column: str, label_column: str, split_column
 
 def _check(file: Path, rows) -> Rows:
     has_split = next(rows)
-    out = Rows([], [], [] if has_split else None, [])
+    out = Rows([], [], [] if has_split else None, array("q"))
     problems: list[str] = []
     count = 0
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
+    names: dict[str, str] = {}  # each distinct label once: a million rows of a few classes share them
 
     def problem(line: int, text: str) -> None:
         nonlocal count
@@ -151,16 +153,16 @@ def _check(file: Path, rows) -> Rows:
             if split not in SPLITS:
                 problem(line, f"split {printable(str(split))!r} is not one of {', '.join(SPLITS)}")
                 continue
-            out.splits.append(split)
-        if rel in seen:
-            problem(line, f"{printable(rel)} is also on line {seen[rel]}")
-            if has_split:
-                out.splits.pop()
+        if rel in seen:  # (the first line is looked up only for the few problems the message names)
+            first = out.lines[out.paths.index(rel)] if len(problems) < SHOWN else 0
+            problem(line, f"{printable(rel)} is also on line {first}")
             continue
-        seen[rel] = line
+        seen.add(rel)
         out.paths.append(rel)
-        out.labels.append(label)
+        out.labels.append(names.setdefault(label, label))
         out.lines.append(line)
+        if has_split:
+            out.splits.append(SPLITS[SPLITS.index(split)])
     if count:
         raise UserError(f"data: {file}: {count} bad row(s): {'; '.join(problems)}"
                         f"{f'; and {count - len(problems)} more' if count > len(problems) else ''}. Fix the file")
