@@ -68,3 +68,29 @@ def accelerate_launch(n: int, *args: str, timeout: int = 300, extra: tuple = ())
     return run_cli("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", port, *extra, "-m", "tl_dist.train", *args, timeout=timeout)
+
+
+TAG_COLOURS = {"red": (220, 40, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+
+
+def make_tagged(root, n: int, seed: int = 0):
+    """n images with a blob per tag (each of red, green, blue with probability 0.45; some none), and
+    tags.csv: path,tags with tags separated by ';'."""
+    rng = random.Random(seed)
+    (root / "img").mkdir(parents=True)
+    rows = ["path,tags"]
+    for i in range(n):
+        tags = sorted(t for t in TAG_COLOURS if rng.random() < 0.45)
+        img = Image.new("RGB", (40, 40), (128, 128, 128))
+        d = ImageDraw.Draw(img)
+        for t in tags:
+            x, y = rng.randint(0, 26), rng.randint(0, 26)
+            d.ellipse([x, y, x + 14, y + 14], fill=TAG_COLOURS[t])
+        img.save(root / "img" / f"{i:03d}.png")
+        rows.append(f"img/{i:03d}.png,{';'.join(tags)}")
+    (root / "tags.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# a multi-label run over make_tagged's set
+ML = ("data.labels=tags.csv", "data.label_column=tags", "data.label_delimiter=;", "data.val_split=0.25")

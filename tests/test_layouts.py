@@ -176,7 +176,7 @@ def test_labels_file_layout_errors_are_one_line(flat):
                                    "data.label_column=tag"))
     with pytest.raises(UserError, match="has a split column .* and data.val_split is 0.2"):
         listing.list_data(data_cfg(f"data.root={flat}", "data.labels=labels.csv", "data.val_split=0.2"))
-    with pytest.raises(UserError, match="1[0-9] row.* with a label data.classes does not list: line 2: 'ants'"):
+    with pytest.raises(UserError, match="1[0-9] label.* data.classes does not list: line 2: 'ants'"):
         listing.list_data(data_cfg(f"data.root={flat}", "data.labels=labels.csv", "data.classes=[bees, wasps]"))
     with pytest.raises(UserError, match="data.labels file not found"):
         listing.list_data(data_cfg(f"data.root={flat}", "data.labels=nope.csv"))

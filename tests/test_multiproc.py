@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from tl_dist.models import backbones, heads
 
-from .conftest import FAST, ROOT, accelerate_launch, free_port, make_images, run_cli
+from .conftest import FAST, ML, ROOT, accelerate_launch, free_port, make_images, make_tagged, run_cli
 
 pytestmark = pytest.mark.multiproc
 
@@ -308,3 +308,20 @@ def test_a_split_made_by_val_split_is_the_same_for_one_and_two_processes(tmp_pat
     for x, y in zip(ra, rb):
         assert x["val_acc"] == y["val_acc"] and x["val_samples"] == y["val_samples"] == 8
         assert abs(x["val_loss"] - y["val_loss"]) < 1e-5
+
+
+def test_multi_label_two_processes_equal_one_process(tmp_path):
+    """Several labels per image: the same split, and val mAP / F1 / loss computed on the whole val
+    set (the ranks' scores gathered), so 2 processes report what 1 does (frozen: 1 x 6 == 2 x 3)."""
+    root = make_tagged(tmp_path / "tagged", 48)
+    common = (*ML, "model.mode=frozen", "train.epochs=2", "optim.lr=0.05")
+    one = run_cli("-m", "tl_dist.train", *_args(root, tmp_path / "one", *common, "data.batch_size=6"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch(2, *_args(root, tmp_path / "two", *common, "data.batch_size=3"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "one" / "split.json").read_bytes() == (tmp_path / "two" / "split.json").read_bytes()
+    ra, rb = ([json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    for x, y in zip(ra, rb):
+        assert x["val_samples"] == y["val_samples"] == 12 and x["val_acc"] == y["val_acc"]
+        for key in ("map", "micro_f1", "macro_f1", "val_loss", "train_loss"):
+            assert abs(x[key] - y[key]) < 1e-5, key

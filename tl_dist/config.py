@@ -50,6 +50,8 @@ class DataConfig:
     split_column: str = _key("split", "labels file: the column with train / val / test, if it has one")
     classes: list[str] | None = _key(None, "labels file: the class names in the order of the head's outputs; null = "
                                      "the labels found, sorted")
+    label_delimiter: str | None = _key(None, "labels file: the separator of several labels per image, e.g. ';' (the "
+                                       "task is then multi_label; a JSON list in a row does the same)")
     image_size: int | None = _key(None, "RandomResizedCrop / CenterCrop size; null = the size the model's weights "
                                   "were trained at (224 for resnet18)")
     resize_size: int | None = _key(None, "val Resize before the centre crop; null = the weights' (256 for resnet18), "
@@ -144,8 +146,14 @@ class TrainConfig:
     label_smoothing: float = _key(0.0, "cross-entropy label smoothing (the train loss; val loss stays plain)")
     class_weights: str = _key("none", "balanced: weigh each train sample's loss by n / (classes x n_class), the "
                               "inverse of its class's frequency in the train split", ("none", "balanced"))
-    select_best_by: str = _key("val_acc", "the val metric that picks best.safetensors (ties: the earlier epoch)",
-                               ("val_acc", "macro_f1", "val_loss"))
+    task: str | None = _key(None, "single_label (softmax, cross-entropy) or multi_label (a sigmoid per class, binary "
+                            "cross-entropy); null = from the data: multi_label when images have several labels",
+                            ("single_label", "multi_label"))
+    threshold: float = _key(0.5, "multi_label: a class is predicted when its probability is at least this (F1, "
+                            "exact match, the predictor)")
+    select_best_by: str | None = _key(None, "the val metric that picks best.safetensors (ties: the earlier epoch); "
+                                      "null = val_acc, or map for multi_label (val_acc is then the exact-match "
+                                      "accuracy)", ("val_acc", "macro_f1", "val_loss", "map", "micro_f1"))
     mixup_alpha: float = _key(0.0, "MixUp: mix each train batch with itself shifted by one, lam ~ Beta(alpha, alpha), "
                               "soft-target loss (e.g. 0.2; 0 = off)")
     cutmix_alpha: float = _key(0.0, "CutMix: paste a box of the shifted batch, its area from Beta(alpha, alpha) (e.g. "
@@ -214,6 +222,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.resume": (lambda v: v.strip() != "", "auto, none or a run directory"),
     "data.root": (lambda v: v.strip() != "", "a folder path (not empty)"),
     "data.val_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1 (e.g. 0.2)"),
+    "data.label_delimiter": (lambda v: v is None or (v != "" and v.strip() == v), "a separator such as ';', or null"),
+    "train.threshold": (lambda v: 0 < v < 1, "a probability between 0 and 1 (e.g. 0.5)"),
     "data.test_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1 (e.g. 0.1)"),
     "data.split_seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32-1"),
     "data.labels": (lambda v: v is None or v.strip() != "", "a file path under data.root, or null"),
@@ -245,6 +255,12 @@ def validate(cfg: Config, source: str) -> None:
     if d.test_split > 0 and d.val_split == 0:
         raise UserError(f"config: data.test_split needs data.val_split too: both parts are drawn from the same "
                         f"images (in {source})")
+    if d.label_delimiter is not None and not d.labels:
+        raise UserError(f"config: data.label_delimiter applies to a labels file (data.labels) (in {source})")
+    if cfg.train.task != "multi_label" and cfg.train.select_best_by in ("map", "micro_f1") \
+            and cfg.train.task is not None:
+        raise UserError(f"config: train.select_best_by={cfg.train.select_best_by} is a multi_label metric; "
+                        f"train.task is {cfg.train.task} (in {source})")
     if d.classes is not None and not d.labels:
         raise UserError(f"config: data.classes applies to a labels file (data.labels); class folders name the "
                         f"classes themselves (in {source})")

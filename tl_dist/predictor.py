@@ -14,6 +14,7 @@ from tl_dist.errors import UserError, first_line
 
 
 DEFAULT_RUNS = Path("runs")
+THRESHOLDS_FORMAT = "tl_dist-thresholds/1"
 TRUST_HELP = ("run a TorchScript (.pt) or torch.export (.pt2) file: these are programs, and loading one runs the "
               "code inside it, so only for files from a source you trust. Without it they are refused; checkpoints "
               "and .onnx files are data and need no trust. A .pt2 with pickled parts is refused even so")
@@ -29,6 +30,9 @@ class Predictor:
         # model: the eager nn.Module (a checkpoint); exported: an ExportedModel (a file from tl-dist export)
         self.model, self.meta, self.device, self.exported = model and model.eval(), meta, device, exported
         self.classes: list[str] = meta["classes"]
+        self.multi_label = meta.get("task") == "multi_label"
+        # multi_label: per class, the probability from which it is predicted (use_thresholds may tune them)
+        self.thresholds: list[float] = [float(meta.get("threshold", 0.5))] * len(self.classes)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", trust_code: bool = False) -> "Predictor":
@@ -61,6 +65,28 @@ class Predictor:
                             f"{first_line(e)}") from None
         return cls(model.to(device), meta, device)
 
+    def use_thresholds(self, path: str | Path) -> None:
+        """Per-class thresholds from a file ``tl-dist evaluate --tune-thresholds`` wrote (multi_label)."""
+        import json
+
+        if not self.multi_label:
+            raise UserError(f"predict: --thresholds {path}: this checkpoint is single_label (one class per image: "
+                            f"the most probable); thresholds apply to multi_label checkpoints")
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError, RecursionError) as e:
+            raise UserError(f"predict: --thresholds {path} cannot be read ({first_line(e)})") from None
+        t = doc.get("thresholds") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("format") != THRESHOLDS_FORMAT or not isinstance(t, list):
+            raise UserError(f"predict: --thresholds {path} is not a thresholds file (tl-dist evaluate "
+                            f"--tune-thresholds writes them)")
+        if doc.get("classes") != self.classes:
+            raise UserError(f"predict: --thresholds {path} is for other classes than the checkpoint's")
+        if len(t) != len(self.classes) or not all(isinstance(v, (int, float)) and 0 < v < 1 for v in t):
+            raise UserError(f"predict: --thresholds {path}: expected one probability between 0 and 1 per class")
+        self.thresholds = [float(v) for v in t]
+
     def eval_tensor(self, item):
         """A path or PIL image as the model sees it: the checkpoint's eval transform, uint8 CHW."""
         from PIL import Image
@@ -73,7 +99,9 @@ class Predictor:
                               self.meta.get("interpolation", "bilinear"))
 
     def predict(self, items: Iterable, topk: int | None = None, batch_size: int = 32) -> list[dict]:
-        """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error."""
+        """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error. A
+        multi_label checkpoint's probabilities are per class (sigmoid), label / prob are the most
+        probable class, and labels [{label, prob}] lists every class at or past its threshold."""
         import torch
 
         from tl_dist.data.augment import normalize
@@ -89,11 +117,12 @@ class Predictor:
                 return
             x = torch.stack([t for _, t in ready])
             if self.exported is not None:
-                probs = self.exported(x).float().softmax(1)
+                logits = self.exported(x).float()
             else:
                 x = normalize(x.to(self.device), self.meta["mean"], self.meta["std"], channels_last=False)
                 with torch.inference_mode():
-                    probs = self.model(x).float().softmax(1).cpu()
+                    logits = self.model(x).float().cpu()
+            probs = torch.sigmoid(logits) if self.multi_label else logits.softmax(1)
             for (i, _), p in zip(ready, probs):
                 if not torch.isfinite(p).all():
                     results[i] = {"path": _name(items[i]), "error": f"{_name(items[i])}: the model's output is not "
@@ -104,6 +133,10 @@ class Predictor:
                               "prob": float(top.values[0]),
                               "topk": [{"label": self.classes[int(c)], "prob": float(v)}
                                        for v, c in zip(top.values, top.indices)]}
+                if self.multi_label:
+                    chosen = sorted((c for c in range(len(self.classes)) if p[c] >= self.thresholds[c]),
+                                    key=lambda c: (-float(p[c]), c))
+                    results[i]["labels"] = [{"label": self.classes[c], "prob": float(p[c])} for c in chosen]
             ready.clear()
 
         for i, item in enumerate(items):

@@ -102,8 +102,15 @@ def train_batch(ds: ImageDataset, classes: list[str], path: Path, seed: int, n: 
     items = []
     for i in epoch_order(len(ds), seed, 0)[:n]:
         img, label, _, _ = ds[(i, 0, 1.0)]
-        items.append((img, classes[label], None))
+        items.append((img, names(label, classes), None))
     grid(items, path)
+
+
+def names(label, classes: list[str]) -> str:
+    """A label as text: its class, or (several labels per image: a multi-hot row) the classes it has."""
+    if isinstance(label, torch.Tensor) and label.dim() == 1:
+        return ", ".join(classes[c] for c in label.nonzero().flatten().tolist()) or "(none)"
+    return classes[int(label)]
 
 
 @torch.inference_mode()
@@ -113,8 +120,16 @@ def val_predictions(model, ds: ImageDataset, classes: list[str], ctx, device, pa
     items = [ds[(i, 0, 1.0)] for i in idx]
     x = normalize(torch.stack([it[0] for it in items]).to(device), ctx.mean, ctx.std, ctx.channels_last)
     model.eval()
-    pred = model(x).float().softmax(1).cpu()
     out = []
+    if ctx.multi_label:  # every class at or past the threshold; right when the sets are equal
+        pred = torch.sigmoid(model(x).float()).cpu()
+        for (img, label, _, _), p in zip(items, pred):
+            chosen = (p >= ctx.threshold).float()
+            out.append((img, f"pred: {names(chosen, classes)}\ntrue: {names(label, classes)}",
+                        bool(torch.equal(chosen, label))))
+        grid(out, path)
+        return
+    pred = model(x).float().softmax(1).cpu()
     for (img, label, _, _), p in zip(items, pred):
         k = int(p.argmax())
         out.append((img, f"pred: {classes[k]} ({p[k]:.2f})\ntrue: {classes[label]}", k == label))
@@ -139,6 +154,9 @@ def curves(history: list[dict], path: Path, best_epoch: int | None = None) -> No
         for split, colour in (("train", TRAIN), ("val", VAL)):
             ax.plot(epochs, [r[f"{split}_{key}"] for r in history], marker="o", ms=4, color=colour, label=split)
         ax.set_title(title)
+    if all("map" in r for r in history):  # several labels per image: accuracy is the exact match
+        acc.plot(epochs, [r["map"] for r in history], marker="^", ms=4, color=BLACK, label="val mAP")
+        acc.set_title("exact-match accuracy, mAP")
     if _spans_decades([r[k] for r in history for k in ("train_loss", "val_loss")]):
         loss.set_yscale("log")
     acc.annotate(f"best epoch {best['epoch']}\nval acc {best['val_acc']:.4f}", (best["epoch"], best["val_acc"]),
@@ -227,6 +245,53 @@ def reliability(bins: list[dict], ece: float, path: Path) -> None:
     _save(fig, path)
 
 
+PR_CLASSES = 12  # precision-recall curves drawn: every class up to this many, else the lowest-AP ones
+
+
+def ap_per_class(per_class: dict[str, dict], mean_ap: float, path: Path) -> None:
+    """Each class's average precision as a bar, lowest first (classes without positives left out),
+    up to MATRIX_CLASSES of them (the lowest: where the model needs work)."""
+    rows = sorted(((r["ap"], name) for name, r in per_class.items() if r["ap"] is not None))[:MATRIX_CLASSES]
+    fig = Figure(figsize=(7, 1.2 + 0.28 * max(1, len(rows))), layout="constrained")
+    ax = fig.subplots()
+    ax.barh([_short(name) for _, name in rows], [ap for ap, _ in rows], color=VAL)
+    ax.axvline(mean_ap, color=BLACK, ls="--", lw=1, label=f"mAP {mean_ap:.4f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("average precision")
+    ax.set_title("average precision per class" + (f" (the {len(rows)} lowest)" if len(per_class) > len(rows) else ""))
+    ax.invert_yaxis()
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    _save(fig, path)
+
+
+def pr_curves(probs: torch.Tensor, targets: torch.Tensor, classes: list[str], path: Path) -> None:
+    """Precision against recall per class, as the threshold falls: every class up to PR_CLASSES,
+    else the PR_CLASSES with the lowest average precision."""
+    from tl_dist.metrics import average_precision
+
+    truth = targets >= 0.5
+    ap = {c: average_precision(probs[:, c], truth[:, c]) for c in range(len(classes))}
+    shown = sorted((c for c in ap if ap[c] is not None), key=lambda c: (ap[c], c))[:PR_CLASSES]
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.subplots()
+    for c in shown:
+        order = torch.argsort(probs[:, c], descending=True, stable=True)
+        t = truth[order, c].double()
+        tp, fp = torch.cumsum(t, 0), torch.cumsum(1.0 - t, 0)
+        ax.plot((tp / tp[-1]).tolist(), (tp / (tp + fp)).tolist(), lw=1.5,
+                label=f"{_short(classes[c])} (AP {ap[c]:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall per class" + (" (lowest AP)" if len(shown) < sum(v is not None for v in ap.values())
+                                                  else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    _save(fig, path)
+
+
 def top_losses(items: list[tuple[torch.Tensor, str, bool]], path: Path) -> None:
     """fastai's plot_top_losses: the highest-loss images, wrong ones framed in red."""
     if items:
@@ -257,4 +322,5 @@ def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, 
                    best_epoch: int | None = None) -> None:
     drawn(val_predictions, model, d.val, d.classes, ctx, device, out / "val_predictions.png")
     drawn(curves, history, out / "curves.png", best_epoch)
-    drawn(confusion_matrix, confusion, d.classes, out / "confusion_matrix.png")
+    if confusion is not None:  # (one label per image; tl-dist evaluate draws a multi_label run's per-class AP)
+        drawn(confusion_matrix, confusion, d.classes, out / "confusion_matrix.png")

@@ -116,7 +116,8 @@ def find_split(data_dir: Path, split: str | None) -> Path:
     return data_dir / split
 
 
-OUTPUTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "reliability.png", "top_losses.png")
+OUTPUTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "reliability.png", "top_losses.png",
+           "ap_per_class.png", "pr_curves.png", "thresholds.json")  # (the last three: multi_label)
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -132,6 +133,10 @@ def check_out(out: Path, force: bool) -> None:
     def ours(p: Path) -> bool:
         if p.name == "metrics.json":
             return earlier
+        if p.name == "thresholds.json":
+            from tl_dist.files.outputs import json_object
+            from tl_dist.predictor import THRESHOLDS_FORMAT
+            return (json_object(p) or {}).get("format") == THRESHOLDS_FORMAT
         if p.name == "predictions.csv":
             try:
                 with open(p, encoding="utf-8") as f:
@@ -145,7 +150,8 @@ def check_out(out: Path, force: bool) -> None:
 def _is_metrics(path: Path) -> bool:
     from tl_dist.files.outputs import json_object
 
-    return {"checkpoint", "n", "accuracy", "confusion_matrix"} <= set(json_object(path) or {})
+    keys = set(json_object(path) or {})
+    return {"checkpoint", "n"} <= keys and ({"accuracy", "confusion_matrix"} <= keys or {"map", "exact_match"} <= keys)
 
 
 def list_labelled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -195,7 +201,7 @@ def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bo
 
 # The data keys that decide a run's parts: evaluate rebuilds them from the checkpoint's config.
 PART_KEYS = ("val_split", "test_split", "split_seed", "labels", "path_column", "label_column", "split_column",
-             "classes")
+             "classes", "label_delimiter")
 
 
 def run_data_set(ckpt: Path, meta: dict, data_dir: Path):
@@ -320,6 +326,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> i
     p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
     p.add_argument("--tta", choices=["flip"], help="also score the mean logits of each image and its mirror")
+    p.add_argument("--thresholds", help="multi_label: per-class thresholds from an earlier --tune-thresholds")
+    p.add_argument("--tune-thresholds", action="store_true", help="multi_label: write thresholds.json, per class "
+                   "the best F1 on these images (the metrics reported stay at the thresholds given)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval batch)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -342,6 +351,7 @@ def _evaluate(args) -> int:
     from tl_dist.data.images import screen_files
     from tl_dist.models.backbones import uses_channels_last
     from tl_dist.predictor import Predictor
+    from tl_dist.data import targets
     from tl_dist.data.samplers import eval_batch_size, eval_shard
 
     ckpt = Path(args.checkpoint).expanduser() if format_of(args.checkpoint) else checkpoint.locate(args.checkpoint)
@@ -361,6 +371,8 @@ def _evaluate(args) -> int:
     device = "cuda" if acc.device.type == "cuda" else "cpu"
     predictor = Predictor.from_checkpoint(ckpt, device=str(acc.device) if device == "cuda" else "cpu",
                                           trust_code=args.trust_code)
+    if args.thresholds:
+        predictor.use_thresholds(args.thresholds)
     classes = predictor.classes
     samples = list_labelled(folder, classes) if run_data is None else run_part(run_data, part, classes, ckpt)
     lines = run_data.line_numbers if run_data is not None and run_data.rows is not None else None
@@ -372,7 +384,11 @@ def _evaluate(args) -> int:
     batch = args.batch_size or eval_batch_size(cfg.get("eval_batch_size"), cfg.get("batch_size", 4))
     if batch < 1:
         raise UserError("evaluate: --batch-size must be 1 or more")
-    paths, labels = [s for s, _ in samples], torch.tensor([y for _, y in samples])
+    paths = [s for s, _ in samples]
+    if predictor.multi_label:  # multi-hot rows (a folder's one class per image is a set of one)
+        labels = targets.batch([y if isinstance(y, tuple) else (y,) for _, y in samples], len(classes))
+    else:
+        labels = torch.tensor([y for _, y in samples])
     mine = eval_shard(len(paths), batch, acc.num_processes, acc.process_index)
     run_model = predictor.meta.get("config", {}).get("model", {})
     channels_last = bool(run_model.get("channels_last")) and uses_channels_last(
@@ -382,6 +398,19 @@ def _evaluate(args) -> int:
     if not acc.is_main_process:
         return 0
     logits = torch.cat([a for a, _ in parts])
+    if predictor.multi_label:
+        from tl_dist.commands import evaluate_multi_label
+        metrics = evaluate_multi_label.finish(args, {"checkpoint": str(ckpt), "data": described, "batch_size": batch},
+                                              paths, labels, logits, torch.cat([b for _, b in parts]) if args.tta
+                                              else None, predictor, out)
+        if args.json:
+            print(json.dumps(metrics, allow_nan=False))
+        else:
+            evaluate_multi_label.summary(metrics, out)
+        return 0
+    if args.tune_thresholds:
+        raise UserError("evaluate: --tune-thresholds applies to multi_label checkpoints (a class per threshold); "
+                        "this one is single_label")
     metrics = {"checkpoint": str(ckpt), "data": described, "batch_size": batch,
                **classification_metrics(logits, labels, classes, batch)}
     tta = None

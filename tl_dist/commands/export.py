@@ -288,7 +288,7 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
     eager = Deployable(predictor.model, meta["mean"], meta["std"], uint8).eval()
 
     keep = ("classes", "num_classes", "arch", "arch_kwargs", "head", "mode", "image_size", "resize_size",
-            "interpolation", "mean", "std", "epoch", "val_acc", "val_loss")
+            "interpolation", "mean", "std", "epoch", "val_acc", "val_loss", "task", "threshold")
     desc: dict[str, Any] = {"format": FORMAT, "export_format": fmt, **{k: meta[k] for k in keep if k in meta},
                             "input": spec, "source": str(ckpt), "tl_dist": __version__,
                             "torch": torch.__version__}

@@ -41,8 +41,11 @@ def save_plot(predictor: Predictor, results: list[dict], path: str) -> None:
     """The images as the model saw them (the checkpoint's val transform), captioned with the prediction."""
     from tl_dist.visualize import grid
 
-    tiles = [(predictor.eval_tensor(r["path"]), f"predicted: {r['label']} ({r['prob']:.2f})", None)
-             for r in results[:16] if "error" not in r]
+    def caption(r: dict) -> str:
+        if "labels" in r:  # several labels per image: every class at or past its threshold
+            return "predicted: " + (", ".join(f"{e['label']} ({e['prob']:.2f})" for e in r["labels"]) or "(none)")
+        return f"predicted: {r['label']} ({r['prob']:.2f})"
+    tiles = [(predictor.eval_tensor(r["path"]), caption(r), None) for r in results[:16] if "error" not in r]
     if not tiles:
         raise UserError(f"predict: --save-plot {path}: no image could be predicted, nothing to draw")
     grid(tiles, Path(path), cols=min(4, len(tiles)))
@@ -56,16 +59,23 @@ def print_table(results: list[dict], k: int) -> None:
     def cell(text: str) -> str:  # names from files: neither terminal escapes nor rich markup
         return escape(printable(text))
 
+    multi = any("labels" in r for r in results)
     t = Table()
     t.add_column("image", overflow="fold")
-    t.add_column("predicted")
-    t.add_column("prob", justify="right")
+    if multi:  # several labels per image: the classes at or past their thresholds
+        t.add_column("predicted labels")
+    else:
+        t.add_column("predicted")
+        t.add_column("prob", justify="right")
     if k > 1:
         t.add_column(f"top {k}")
     for r in results:
         if "error" in r:
             continue
-        row = [cell(r["path"]), cell(r["label"]), f"{r['prob']:.3f}"]
+        if multi:
+            row = [cell(r["path"]), cell(", ".join(f"{e['label']} {e['prob']:.3f}" for e in r["labels"]) or "(none)")]
+        else:
+            row = [cell(r["path"]), cell(r["label"]), f"{r['prob']:.3f}"]
         if k > 1:
             row.append(cell(", ".join(f"{e['label']} {e['prob']:.3f}" for e in r["topk"])))
         t.add_row(*row)
@@ -88,6 +98,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predic
                    "existing file only if tl_dist drew it, or with --force)")
     p.add_argument("--force", action="store_true", help="let --save-plot replace a file tl_dist did not draw")
     p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--thresholds", help="multi_label: per-class thresholds from tl-dist evaluate --tune-thresholds "
+                   "(default: the checkpoint's train.threshold for every class)")
     return p.parse_args(argv)
 
 
@@ -112,6 +124,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         if not paths:
             raise UserError(f"predict: no image files found in {' '.join(args.images)}")
         predictor = Predictor.from_checkpoint(ckpt, device=args.device, trust_code=args.trust_code)
+        if args.thresholds:
+            predictor.use_thresholds(args.thresholds)
         k = min(args.topk or 3, len(predictor.classes))
         results = predictor.predict(paths, topk=k, batch_size=args.batch_size)
         failed = [r for r in results if "error" in r]

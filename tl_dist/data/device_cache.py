@@ -19,6 +19,7 @@ from tl_dist.data.augment import sample_rng, to_uint8_chw, train_draws
 from tl_dist.config import DataConfig
 from tl_dist.errors import UserError, first_line
 from tl_dist.data.images import BadImage
+from tl_dist.data import targets
 
 
 # data.py's batch samplers: per step, this rank's (sample index, epoch, weight) keys.
@@ -52,9 +53,10 @@ class DeviceTrainLoader:
     0 and index -1-i, as in ImageDataset, so every rank keeps running and the loop reports the path.
     """
 
-    def __init__(self, images: list[torch.Tensor | None], labels: list[int], sampler: BatchSampler,
-                 cfg: DataConfig, seed: int, device: torch.device):
-        self.images, self.labels, self.sampler = images, labels, sampler
+    def __init__(self, images: list[torch.Tensor | None], labels: list, sampler: BatchSampler,
+                 cfg: DataConfig, seed: int, device: torch.device, num_classes: int = 0):
+        self.images, self.labels, self.sampler, self.num_classes = images, labels, sampler, num_classes
+        self.multi_label = bool(labels) and isinstance(labels[0], tuple)
         self.cfg, self.seed, self.device = cfg, seed, device
 
     def __len__(self) -> int:
@@ -76,7 +78,7 @@ class DeviceTrainLoader:
                 imgs.append(blank)
                 boxes.append((0, 0, s, s))
                 flips.append(False)
-                y.append(0)
+                y.append(targets.blank(self.multi_label, self.num_classes))
                 w.append(0.0)
                 idx.append(-1 - index)
                 continue
@@ -84,10 +86,10 @@ class DeviceTrainLoader:
             imgs.append(img)
             boxes.append(box)
             flips.append(flip)
-            y.append(self.labels[index])
+            y.append(targets.target(self.labels[index], self.num_classes))
             w.append(weight)
             idx.append(index)
-        return (crop_resize_flip(imgs, boxes, flips, s, self.cfg.interpolation), torch.tensor(y),
+        return (crop_resize_flip(imgs, boxes, flips, s, self.cfg.interpolation), targets.batch(y, self.num_classes),
                 torch.tensor(w, dtype=torch.float64), torch.tensor(idx))
 
 
@@ -130,9 +132,9 @@ def disagreement(loader: DeviceTrainLoader, pil_item: Callable[[tuple[int, int, 
 class DeviceEvalLoader:
     """Finished val crops in one device tensor, sliced by the rank's EvalBatchSampler."""
 
-    def __init__(self, crops: torch.Tensor, labels: list[int], ok: list[bool], sampler: BatchSampler):
+    def __init__(self, crops: torch.Tensor, labels: list, ok: list[bool], sampler: BatchSampler, num_classes: int = 0):
         self.crops, self.sampler = crops, sampler
-        self.labels, self.ok = torch.tensor(labels), torch.tensor(ok)
+        self.labels, self.ok = targets.batch(labels, num_classes), torch.tensor(ok)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -145,8 +147,8 @@ class DeviceEvalLoader:
                    torch.where(ok, ids, -1 - ids))
 
 
-def train_loader(decode: Callable[[int], Image.Image], labels: list[int], sampler: BatchSampler, cfg: DataConfig,
-                 seed: int, device: torch.device, threads: int) -> DeviceTrainLoader:
+def train_loader(decode: Callable[[int], Image.Image], labels: list, sampler: BatchSampler, cfg: DataConfig,
+                 seed: int, device: torch.device, threads: int, num_classes: int = 0) -> DeviceTrainLoader:
     """Decodes every train image once, in threads, straight into device memory (the host holds only
     the images in flight, not the whole set)."""
     def one(i: int) -> torch.Tensor | None:
@@ -157,14 +159,14 @@ def train_loader(decode: Callable[[int], Image.Image], labels: list[int], sample
 
     with device_errors("filling the device cache"), ThreadPoolExecutor(max(1, threads)) as ex:
         images = list(ex.map(one, range(len(labels))))
-    return DeviceTrainLoader(images, labels, sampler, cfg, seed, device)
+    return DeviceTrainLoader(images, labels, sampler, cfg, seed, device, num_classes)
 
 
-def eval_loader(crops: dict[int, torch.Tensor], labels: list[int], sampler: BatchSampler, image_size: int,
-                device: torch.device) -> DeviceEvalLoader:
+def eval_loader(crops: dict[int, torch.Tensor], labels: list, sampler: BatchSampler, image_size: int,
+                device: torch.device, num_classes: int = 0) -> DeviceEvalLoader:
     """The finished val crops (index -> uint8 CHW; a missing index failed to decode) in one device tensor."""
     ok = [i in crops for i in range(len(labels))]
     blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
     with device_errors("filling the device cache"):
         stacked = torch.stack([crops.pop(i) if ok[i] else blank for i in range(len(labels))]).to(device)
-    return DeviceEvalLoader(stacked, labels, ok, sampler)
+    return DeviceEvalLoader(stacked, labels, ok, sampler, num_classes)

@@ -1,5 +1,6 @@
 """A labels file (``data.labels``): one row per image, CSV with a header or JSON Lines, holding the
-image's path (relative to ``data.root``), its label and optionally its split (train / val / test).
+image's path (relative to ``data.root``), its label (or labels: several per image with
+``data.label_delimiter``, or a JSON list) and optionally its split (train / val / test).
 
 Read in one streaming pass (a million rows in seconds: benchmarks/labels_file.py); every problem a row
 can have is found in that pass and reported in one line naming the file and the line numbers (the
@@ -26,20 +27,22 @@ class Rows:
     the path relative to the data root (normalised, '/'-separated), the label and the split (one
     shared string per distinct value; None without a split column), and the file's line number."""
     paths: list[str]
-    labels: list[str]
+    labels: list  # a class name per row; with several labels per image, a sorted tuple of names
     splits: list[str] | None
     lines: array
+    multi_label: bool = False
 
 
-def read(file: Path, path_column: str, label_column: str, split_column: str) -> Rows:
-    """Every row of ``file``, checked; UserError (one line) for a file that cannot be used as it is."""
+def read(file: Path, path_column: str, label_column: str, split_column: str, delimiter: str | None = None) -> Rows:
+    """Every row of ``file``, checked; UserError (one line) for a file that cannot be used as it is.
+    With ``delimiter`` (or a JSON list in a row) each image has a set of labels, possibly empty."""
     if not file.is_file():
         raise UserError(f"data: data.labels file not found: {file}")
     try:
         with open(file, encoding="utf-8-sig", newline="") as f:
             if file.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-                return _check(file, _json_lines(file, f, path_column, label_column, split_column))
-            return _check(file, _csv(file, f, path_column, label_column, split_column))
+                return _check(file, _json_lines(file, f, path_column, label_column, split_column), delimiter)
+            return _check(file, _csv(file, f, path_column, label_column, split_column), delimiter)
     except UnicodeDecodeError as e:
         raise UserError(f"data: {file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except OSError as e:
@@ -100,8 +103,8 @@ def _json_lines(file: Path, f, path_column: str, label_column: str, split_column
                 label = obj.get(label_column)
                 if missing:
                     item = (n, None, None, None, f"no {missing[0]!r} (set data.path_column / data.label_column)")
-                elif not isinstance(label, str):
-                    item = (n, None, None, None, f"the label is {type(label).__name__}, not a string")
+                elif not (isinstance(label, str) or isinstance(label, list) and all(isinstance(x, str) for x in label)):
+                    item = (n, None, None, None, f"the label is {type(label).__name__}, not a string or a list of them")
                 else:
                     item = (n, obj[path_column], label, obj.get(split_column), None)
         if has_split is None:
@@ -115,7 +118,20 @@ def _json_lines(file: Path, f, path_column: str, label_column: str, split_column
         yield from pending
 
 
-def _check(file: Path, rows) -> Rows:
+def _labels(label, delimiter: str | None) -> tuple[str, ...] | str | None:
+    """A row's label: a name; or, with several per image, the sorted set of names (None: malformed)."""
+    if isinstance(label, list):
+        parts = [x.strip() for x in label]
+    elif delimiter is not None:
+        parts = [x.strip() for x in label.split(delimiter)]
+    else:
+        return label.strip()
+    if any(not x for x in parts) and (isinstance(label, list) or label.strip()):
+        return None  # "a;;b" or ["a", ""]: a label is missing between the others
+    return tuple(sorted({x for x in parts if x}))
+
+
+def _check(file: Path, rows, delimiter: str | None = None) -> Rows:
     has_split = next(rows)
     out = Rows([], [], [] if has_split else None, array("q"))
     problems: list[str] = []
@@ -134,19 +150,23 @@ def _check(file: Path, rows) -> Rows:
             problem(line, error)
             continue
         path = path.strip() if isinstance(path, str) else path
-        label = label.strip() if isinstance(label, str) else label
+        label = _labels(label, delimiter)
         if not isinstance(path, str) or not path:
-            problem(line, "empty path")
+            problem(line, "empty path" if isinstance(path, str) or path is None else "the path is not a string")
             continue
         rel = relative_path(path)
         if rel is None:
             problem(line, f"path {printable(path)!r} leaves data.root (absolute, or '..'); paths are relative to it")
             continue
-        if not label:
+        if label is None:
+            problem(line, f"an empty label between others for {printable(path)}")
+            continue
+        if label == "":
             problem(line, f"empty label for {printable(path)}")
             continue
-        if printable(label) != label:  # a class name travels into checkpoints, plots and terminals
-            problem(line, f"label {printable(label)!r} has control characters")
+        bad = next((x for x in ((label,) if isinstance(label, str) else label) if printable(x) != x), None)
+        if bad is not None:  # a class name travels into checkpoints, plots and terminals
+            problem(line, f"label {printable(bad)!r} has control characters")
             continue
         if has_split:
             split = split.strip().lower() if isinstance(split, str) else split
@@ -168,6 +188,9 @@ def _check(file: Path, rows) -> Rows:
                         f"{f'; and {count - len(problems)} more' if count > len(problems) else ''}. Fix the file")
     if not out.paths:
         raise UserError(f"data: {file} holds no rows")
+    out.multi_label = delimiter is not None or any(isinstance(x, tuple) for x in names)
+    if out.multi_label:  # (JSON Lines may mix names and lists: a name is a set of one)
+        out.labels = [x if isinstance(x, tuple) else (x,) for x in out.labels]
     return out
 
 

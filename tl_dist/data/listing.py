@@ -14,7 +14,7 @@ from tl_dist.data import labels_file, splits
 from tl_dist.data.images import IMAGE_EXTENSIONS, list_images
 from tl_dist.errors import UserError, printable
 
-Sample = tuple[str, int]  # (path, class index)
+Sample = tuple[str, "int | tuple[int, ...]"]  # (path, class index; with several labels per image, the indices)
 
 
 def class_folders(d: Path) -> tuple[list[str], list[Sample]]:
@@ -87,6 +87,14 @@ class DataSet:
     note: str | None = None  # for the run's log: how a kept split differs from what the data would give now
     rows: labels_file.Rows | None = None  # the labels file's rows (their line numbers name bad files)
     root: str = ""
+    multi_label: bool = False  # several labels per image (each sample's label a tuple of class indices)
+
+    def as_multi_label(self) -> None:
+        """Every label as a set of one (train.task=multi_label on data with one label per image)."""
+        if not self.multi_label:
+            for part in ("train", "val", "test"):
+                setattr(self, part, [(p, (c,)) for p, c in getattr(self, part)])
+            self.multi_label = True
 
     def line_numbers(self, paths) -> dict[str, str]:
         """``labels.csv line N`` for each of ``paths`` that came from the labels file."""
@@ -118,19 +126,24 @@ def list_data(cfg: DataConfig, recorded: dict | None = None) -> DataSet:
 
 def _from_labels_file(cfg: DataConfig, r: Path, recorded: dict | None) -> DataSet:
     file = r / cfg.labels
-    rows = labels_file.read(file, cfg.path_column, cfg.label_column, cfg.split_column)
+    rows = labels_file.read(file, cfg.path_column, cfg.label_column, cfg.split_column, cfg.label_delimiter)
+    names = [(line, x) for line, label in zip(rows.lines, rows.labels)
+             for x in (label if rows.multi_label else (label,))]
     if cfg.classes:
         classes = list(cfg.classes)
         known = set(classes)
-        unknown = [(line, label) for line, label in zip(rows.lines, rows.labels) if label not in known]
+        unknown = [(line, x) for line, x in names if x not in known]
         if unknown:
-            named = "; ".join(f"line {line}: {printable(label)!r}" for line, label in unknown[:5])
-            raise UserError(f"data: {file}: {len(unknown)} row(s) with a label data.classes does not list: {named}; "
+            named = "; ".join(f"line {line}: {printable(x)!r}" for line, x in unknown[:5])
+            raise UserError(f"data: {file}: {len(unknown)} label(s) data.classes does not list: {named}; "
                             f"add them to data.classes or fix the rows")
     else:
-        classes = sorted(set(rows.labels))
+        classes = sorted({x for _, x in names})
+    del names
     check_classes(classes, str(file))
     index = {c: i for i, c in enumerate(classes)}
+    if rows.multi_label:
+        index = {label: tuple(index[x] for x in label) for label in set(rows.labels)}
     if rows.splits is not None:
         if cfg.val_split > 0:
             raise UserError(f"data: {file} has a split column ({cfg.split_column!r}) and data.val_split is "
@@ -142,13 +155,14 @@ def _from_labels_file(cfg: DataConfig, r: Path, recorded: dict | None) -> DataSe
         for part in ("train", "val"):
             if not parts[part]:
                 raise UserError(f"data: {file}: no row has {cfg.split_column}={part}; a run needs train and val rows")
-        return DataSet(classes, parts["train"], parts["val"], parts["test"], "labels file", rows=rows, root=str(r))
+        return DataSet(classes, parts["train"], parts["val"], parts["test"], "labels file", rows=rows, root=str(r),
+                       multi_label=rows.multi_label)
     if cfg.val_split == 0:
         raise UserError(f"data: {file} has no split column ({cfg.split_column!r}); set data.val_split (e.g. 0.2) to "
                         f"make val from its rows, or name the column with data.split_column")
     rels = [(rel, index[label]) for rel, label in zip(rows.paths, rows.labels)]
     data = _drawn(cfg, r, classes, rels, recorded, "labels file")
-    data.rows = rows
+    data.rows, data.multi_label = rows, rows.multi_label
     return data
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl_dist.data.augment import eval_transform, host_only, sample_rng, train_transform
 from tl_dist.config import DataConfig
-from tl_dist.data import device_cache
+from tl_dist.data import device_cache, targets
 from tl_dist.data.images import BadImage, load_rgb
 from tl_dist.data.listing import Sample
 from tl_dist.data.samplers import EvalBatchSampler, TrainBatchSampler, eval_batch_size
@@ -36,9 +36,11 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], cfg: DataConfig, train: bool, seed: int,
-                 cache: dict[int, object] | None = None):
+                 cache: dict[int, object] | None = None, num_classes: int = 0):
         self.samples, self.cfg, self.train, self.seed = samples, cfg, train, seed
         self.cache = cache or {}
+        self.num_classes = num_classes  # (the length of a multi-hot label)
+        self.multi_label = bool(samples) and isinstance(samples[0][1], tuple)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -61,8 +63,9 @@ class ImageDataset(Dataset):
             img = self.transformed(index, epoch)
         except BadImage:
             s = self.cfg.image_size
-            return torch.zeros(3, s, s, dtype=torch.uint8), 0, 0.0, -1 - index
-        return img, self.samples[index][1], weight, index
+            return torch.zeros(3, s, s, dtype=torch.uint8), targets.blank(self.multi_label, self.num_classes), 0.0, \
+                -1 - index
+        return img, targets.target(self.samples[index][1], self.num_classes), weight, index
 
 
 def decoded_bytes(sizes: list[tuple[int, int]]) -> int:
@@ -131,8 +134,8 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
           seed: int, world: int = 1, rank: int = 0, device: torch.device = torch.device("cpu"),
           sizes: dict[str, tuple[int, int]] | None = None) -> Data:
     """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply."""
-    train_ds = ImageDataset(train, cfg, train=True, seed=seed)
-    val_ds = ImageDataset(val, cfg, train=False, seed=seed)
+    train_ds = ImageDataset(train, cfg, train=True, seed=seed, num_classes=len(classes))
+    val_ds = ImageDataset(val, cfg, train=False, seed=seed, num_classes=len(classes))
     place = cache_place(cfg, train, val, sizes, device)
     threads = os.cpu_count() or 1
     warning = None
@@ -150,11 +153,13 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     eval_sampler = EvalBatchSampler(len(val), eval_batch_size(cfg.eval_batch_size, cfg.batch_size), world, rank)
     if place == "device":
         train_labels, val_labels = [label for _, label in train], [label for _, label in val]
-        train_loader = device_cache.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads)
+        train_loader = device_cache.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads,
+                                                 len(classes))
         problem = device_cache.disagreement(train_loader, train_ds.__getitem__)
         if problem is None:
             return Data(classes, train_ds, val_ds, train_loader,
-                        device_cache.eval_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device),
+                        device_cache.eval_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device,
+                                                 len(classes)),
                         sampler, place, 0)
         del train_loader
         warning = (f"warning: data.cache=device: the {device.type} augmentation disagrees with the PIL path on "

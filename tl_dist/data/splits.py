@@ -17,7 +17,7 @@ from tl_dist.errors import UserError
 FORMAT = "tl_dist-split/1"
 PARTS = ("train", "val", "test")
 
-Rel = tuple[str, int]  # (path relative to data.root, '/'-separated; class index)
+Rel = tuple[str, "int | tuple[int, ...]"]  # (path relative to data.root, '/'-separated; class index, or indices)
 
 
 def counts(n: int, val: float, test: float) -> tuple[int, int]:
@@ -30,20 +30,34 @@ def counts(n: int, val: float, test: float) -> tuple[int, int]:
 
 def draw(samples: list[Rel], num_classes: int, val: float, test: float, seed: int) -> dict[str, list[Rel]]:
     """Stratified parts of ``samples``: {"train": [...], "val": [...], "test": [...]}, each sorted by
-    (class, path)."""
-    by_class: list[list[tuple[bytes, str]]] = [[] for _ in range(num_classes)]
-    for rel, ci in samples:
-        by_class[ci].append((_key(seed, rel), rel))
+    (class, path). An image with several labels is drawn with its rarest class (so rare classes reach
+    val), an image with none with the others that have none."""
+    strata = _strata(samples, num_classes)
+    by_stratum: list[list[tuple[bytes, str, object]]] = [[] for _ in range(num_classes + 1)]
+    for (rel, label), stratum in zip(samples, strata):
+        by_stratum[stratum].append((_key(seed, rel), rel, label))
     parts: dict[str, list[Rel]] = {p: [] for p in PARTS}
-    for ci, members in enumerate(by_class):
-        members.sort()
+    for members in by_stratum:
+        members.sort(key=lambda m: (m[0], m[1]))
         n_val, n_test = counts(len(members), val, test)
-        for i, (_, rel) in enumerate(members):
+        for i, (_, rel, label) in enumerate(members):
             part = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-            parts[part].append((rel, ci))
+            parts[part].append((rel, label))
     for part in parts.values():
-        part.sort(key=lambda s: (s[1], s[0]))
+        part.sort(key=lambda s: (s[1] if isinstance(s[1], int) else (min(s[1], default=num_classes), s[1]), s[0]))
     return parts
+
+
+def _strata(samples: list[Rel], num_classes: int) -> list[int]:
+    """Each sample's stratum: its class; with several labels, the one with the fewest images (ties:
+    the lower index); num_classes for an image with no label."""
+    if all(isinstance(label, int) for _, label in samples):
+        return [label for _, label in samples]
+    freq = [0] * num_classes
+    for _, label in samples:
+        for c in label:
+            freq[c] += 1
+    return [min(label, key=lambda c: (freq[c], c)) if label else num_classes for _, label in samples]
 
 
 def _key(seed: int, rel: str) -> bytes:
@@ -54,9 +68,13 @@ def _key(seed: int, rel: str) -> bytes:
 def part_hash(samples: list[Rel], classes: list[str]) -> str:
     """What identifies a part: its relative paths and class names, in order."""
     h = hashlib.blake2b(digest_size=12)
-    for rel, ci in samples:
-        h.update(f"{rel}\0{classes[ci]}\n".encode("utf-8", "surrogateescape"))
+    for rel, label in samples:
+        h.update(f"{rel}\0{_names(label, classes)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def _names(label, classes: list[str]) -> str:
+    return classes[label] if isinstance(label, int) else "[" + "\x1f".join(classes[c] for c in label) + "]"
 
 
 def record(parts: dict[str, list[Rel]], classes: list[str], val: float, test: float, seed: int,
@@ -65,7 +83,8 @@ def record(parts: dict[str, list[Rel]], classes: list[str], val: float, test: fl
     return {"format": FORMAT, "source": source, "split_seed": seed, "val_split": val, "test_split": test,
             "classes": classes,
             "parts": {name: {"images": len(s), "hash": part_hash(s, classes),
-                             "samples": [[rel, classes[ci]] for rel, ci in s]}
+                             "samples": [[rel, classes[c] if isinstance(c, int) else [classes[i] for i in c]]
+                                         for rel, c in s]}
                       for name, s in parts.items() if s or name != "test"}}
 
 
@@ -86,7 +105,8 @@ def from_record(rec: dict, classes: list[str], where: str) -> dict[str, list[Rel
         for name, part in rec["parts"].items():
             if name not in PARTS:
                 raise ValueError(f"part {name!r}")
-            samples = [(rel, index[c]) for rel, c in part["samples"]]
+            samples = [(rel, index[c] if isinstance(c, str) else tuple(index[x] for x in c))
+                       for rel, c in part["samples"]]
             if len(samples) != part["images"] or part_hash(samples, classes) != part["hash"]:
                 raise ValueError(f"the {name} list does not match its hash")
             parts[name] = samples

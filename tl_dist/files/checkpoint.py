@@ -153,6 +153,9 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
          "a number from 0 to 1"),
         ("val_loss", "val_loss" not in meta or _number(meta["val_loss"]), "a finite number"),
         ("split", "split" not in meta or _split_ok(meta["split"]), "the summary of a split.json"),
+        ("task", meta.get("task", "single_label") in ("single_label", "multi_label"), "single_label or multi_label"),
+        ("threshold", "threshold" not in meta or (_number(meta["threshold"]) and 0 < meta["threshold"] < 1),
+         "a probability between 0 and 1"),
     )
     for key, ok, expected in checks:
         if not ok:

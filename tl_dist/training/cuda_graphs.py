@@ -238,7 +238,7 @@ class GraphedStep:
         per_sample = train_loss(out, y, self.loss_ctx)
         ((per_sample * w).sum() * scale).backward()
         self.opt.step()
-        self.sums += step_sums(per_sample, out, y, w)
+        self.sums += step_sums(per_sample, out, y, w, self.loss_ctx.threshold if self.loss_ctx else 0.5)
 
     def _capture(self, x, y, w) -> None:
         static = (torch.empty_like(x), torch.empty_like(y), torch.empty_like(w),

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from tl_dist.training import mixing
 from tl_dist.data.augment import normalize
 from tl_dist.data.samplers import TrainBatchSampler
-from tl_dist.distributed import gather_union, reduce_sum
+from tl_dist.distributed import gather_objects, gather_union, reduce_sum
+from tl_dist.metrics import multi_label_metrics
 from tl_dist.training.mixing import Mix
 from tl_dist.models.heads import head_module, set_train_mode
 
@@ -38,7 +39,8 @@ class EpochResult:
     seconds: float
     bad: list[int] = field(default_factory=list)  # dataset indices that failed to decode
     stopped: bool = False  # interrupted by a stop request before the end of the epoch
-    confusion: torch.Tensor | None = None  # [true, predicted] counts (evaluate only)
+    confusion: torch.Tensor | None = None  # [true, predicted] counts (evaluate only, one label per image)
+    metrics: dict | None = None  # multi_label evaluation: tl_dist.metrics.multi_label_metrics of the whole val set
 
 
 @dataclass
@@ -51,11 +53,13 @@ class StepSettings:
     frozen_bn: str
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
-    class_weights: torch.Tensor | None = None  # per class, on the device (train.class_weights)
+    class_weights: torch.Tensor | None = None  # per class, on the device (train.class_weights; multi_label: pos_weight)
     seed: int = 0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    multi_label: bool = False  # a sigmoid per class and binary cross-entropy; targets are multi-hot rows
+    threshold: float = 0.5  # multi_label: the probability from which a class counts as predicted
 
     @property
     def mixes(self) -> bool:
@@ -69,11 +73,32 @@ def train_loss(out: torch.Tensor, y: torch.Tensor, ctx: StepSettings | None, mix
     world-size rule of the step holds unchanged."""
     if ctx is None:
         return F.cross_entropy(out.float(), y, reduction="none")
+    if ctx.multi_label:
+        return multi_label_loss(out, y, ctx.label_smoothing, ctx.class_weights, mix)
 
     def one(target: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(out.float(), target, reduction="none", label_smoothing=ctx.label_smoothing)
         return loss if ctx.class_weights is None else loss * ctx.class_weights[target]
     return one(y) if mix is None else mix.lam * one(y) + (1.0 - mix.lam) * one(mix.y2)
+
+
+def multi_label_loss(out: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0, pos_weight: torch.Tensor | None = None,
+                     mix: Mix | None = None) -> torch.Tensor:
+    """The per-sample multi-label loss: binary cross-entropy of each class's sigmoid, averaged over
+    the classes; targets smoothed towards 1/2 by ``smoothing``, positives weighted by ``pos_weight``.
+    A mixed batch mixes the multi-hot targets (the loss is linear in them)."""
+    target = y if mix is None else mix.lam * y + (1.0 - mix.lam) * mix.y2
+    if smoothing:
+        target = target * (1.0 - smoothing) + 0.5 * smoothing
+    return F.binary_cross_entropy_with_logits(out.float(), target, pos_weight=pos_weight, reduction="none").mean(1)
+
+
+def hits(out: torch.Tensor, y: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per sample, 1.0 where the prediction is right: the top class (one label per image), or every
+    class on the right side of ``threshold`` (several: the exact match)."""
+    if y.dim() == 1:
+        return (out.argmax(1) == y).float()
+    return ((torch.sigmoid(out.float()) >= threshold) == (y >= 0.5)).all(1).float()
 
 
 class TrainStep(Protocol):
@@ -87,9 +112,10 @@ class TrainStep(Protocol):
 
 
 @torch.no_grad()
-def step_sums(per_sample: torch.Tensor, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def step_sums(per_sample: torch.Tensor, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+              threshold: float = 0.5) -> torch.Tensor:
     """A train step's (weighted loss, correct, count) sums; padding has weight 0."""
-    return torch.stack([(per_sample * w).sum(), ((out.argmax(1) == y).float() * w).sum(), w.sum()]).double()
+    return torch.stack([(per_sample * w).sum(), (hits(out, y, threshold) * w).sum(), w.sum()]).double()
 
 
 class EagerStep:
@@ -116,7 +142,7 @@ class EagerStep:
         if update:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        self.sums += step_sums(per_sample, out, y, w)
+        self.sums += step_sums(per_sample, out, y, w, self.ctx.threshold)
 
     def epoch_sums(self) -> torch.Tensor:
         return self.sums
@@ -229,20 +255,43 @@ def evaluate(accelerator, model, loader, ctx: StepSettings, num_classes: int, ep
             bad.extend(failed)
             yield x, y, w
 
+    scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # multi_label: (probabilities, truth) of real samples
     for x, y, w in batches():
         with accelerator.autocast():
             out = head(x) if reuse else net(x)
         if keep is not None:
             keep.append((seen.pop(), y, w))
         ok = w > 0
+        if ctx.multi_label:  # (plain binary cross-entropy, as the single-label val loss is plain)
+            loss_sum += F.binary_cross_entropy_with_logits(out.float()[ok], y[ok], reduction="none").mean(1).sum()
+            scores.append((torch.sigmoid(out.float()[ok]), y[ok]))
+            continue
         loss_sum += F.cross_entropy(out.float()[ok], y[ok], reduction="sum")
         confusion += torch.bincount(y[ok] * num_classes + out.argmax(1)[ok],
                                     minlength=num_classes * num_classes).to(torch.float64)
     if keep is not None:
         hook.remove()
         head_inputs.batches = keep
+    if ctx.multi_label:
+        return _multi_label_result(accelerator, loss_sum, scores, num_classes, ctx.threshold, bad, t0)
     loss_sum, confusion = reduce_sum(accelerator, [loss_sum, confusion])
     confusion = confusion.reshape(num_classes, num_classes).long()
     n = int(confusion.sum())
     return EpochResult(loss_sum.item() / max(1, n), confusion.diag().sum().item() / max(1, n), n,
                        time.perf_counter() - t0, gather_union(accelerator, bad), confusion=confusion)
+
+
+def _multi_label_result(accelerator, loss_sum: torch.Tensor, scores: list, num_classes: int, threshold: float,
+                        bad: list[int], t0: float) -> EpochResult:
+    """The ranks' scores gathered in rank order (each rank's shard is contiguous: sample order), and
+    the metrics of the whole val set computed alike on every rank, so all agree on the best epoch."""
+    empty = torch.zeros(0, num_classes)
+    mine = (torch.cat([p for p, _ in scores]).cpu(), torch.cat([t for _, t in scores]).cpu()) if scores \
+        else (empty, empty)
+    parts = gather_objects(accelerator, mine)
+    probs, truth = torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
+    loss_sum = reduce_sum(accelerator, [loss_sum])[0]
+    n = len(probs)
+    m = multi_label_metrics(probs, truth, [str(c) for c in range(num_classes)], threshold)
+    return EpochResult(loss_sum.item() / max(1, n), m["exact_match"], n, time.perf_counter() - t0,
+                       gather_union(accelerator, bad), metrics=m)

@@ -39,7 +39,7 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
     from tl_dist.models import backbones
 
     cfg = backbones.resolve(cfg)
-    net, optimizer, d, settings, dtype = set_up(cfg)
+    cfg, net, optimizer, d, settings, dtype = set_up(cfg)
     lrs, losses, smoothed, diverged = _sweep(cfg, net, optimizer, d, settings, dtype, start_lr, end_lr, steps)
     if not math.isfinite(smoothed[-1]):  # the step that blew up says nothing about the curve
         lrs, losses, smoothed = lrs[:-1], losses[:-1], smoothed[:-1]
@@ -54,8 +54,9 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
 
 
 def set_up(cfg):
-    """The model, optimizer, train data and step settings a run of ``cfg`` starts with (the
-    training's builders, on one process); and the autocast dtype of its mixed precision."""
+    """The config (its task resolved), and the model, optimizer, train data and step settings a run of
+    ``cfg`` starts with (the training's builders, on one process); and the autocast dtype of its
+    mixed precision."""
     import torch
 
     from tl_dist.data import loaders
@@ -69,7 +70,7 @@ def set_up(cfg):
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type == "cuda")
     seed_everything(cfg.train.seed)
     # progress and warnings on stderr: stdout is the suggestion
-    data, report = setup.screened_splits(cfg, accelerator, lambda line: print(printable(line), file=sys.stderr))
+    cfg, data, report = setup.screened_splits(cfg, accelerator, lambda line: print(printable(line), file=sys.stderr))
     classes, train, val = data.classes, data.train, data.val
     # (the val split is scanned with the rest but not read: one image keeps the loaders' shape)
     d = loaders.build(cfg.data, classes, train, val[:1], seed=cfg.train.seed, device=device, sizes=report.sizes)
@@ -80,7 +81,7 @@ def set_up(cfg):
     heads.set_frozen(net, frozen)
     heads.set_train_mode(net, True, frozen, cfg.model.frozen_bn)
     settings = setup.step_settings(cfg, frozen, channels_last, d, device)
-    return net, optimizer, d, settings, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    return cfg, net, optimizer, d, settings, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
 
 
 def _sweep(cfg, net, optimizer, d, settings, dtype, start_lr: float, end_lr: float, steps: int):

@@ -106,6 +106,17 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
     return w.float()
 
 
+def positive_weights(labels: list[tuple[int, ...]], num_classes: int) -> torch.Tensor:
+    """train.class_weights=balanced for multi_label: each class's positives weighted by its
+    negatives / positives in the train split (BCE's pos_weight), so a rare label counts as much as
+    its absence; 1 for a class with no positives."""
+    positives = torch.zeros(num_classes, dtype=torch.float64)
+    for label in labels:
+        positives[list(label)] += 1
+    n = len(labels)
+    return torch.where(positives > 0, (n - positives) / positives.clamp(min=1), torch.ones_like(positives)).float()
+
+
 class Schedule:
     """The run's learning rates, put into the optimizer at each epoch's start and, where they move
     within an epoch (warm-up, cosine, one-cycle), before every optimizer step."""

@@ -43,9 +43,13 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], frozen: bool,
                 digest: str | None, device: torch.device) -> dict:
-    """The epoch's line in metrics.jsonl."""
+    """The epoch's line in metrics.jsonl. With several labels per image, the accuracies are exact
+    matches (every class on the right side of the threshold) and the row adds map and micro_f1."""
+    multi = va.metrics is not None
     row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss,
-           "val_acc": va.acc, "macro_f1": macro_f1(va.confusion), "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
+           "val_acc": va.acc, "macro_f1": va.metrics["macro_f1"] if multi else macro_f1(va.confusion),
+           **({"map": va.metrics["map"], "micro_f1": va.metrics["micro_f1"]} if multi else {}),
+           "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
            "seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "val_seconds": va.seconds,
            "train_samples": tr.samples, "val_samples": va.samples, **peak_memory_mb(device)}
     if digest:
@@ -57,7 +61,8 @@ def epoch_line(row: dict, epochs: int, lrs: list[float], frozen: bool, is_best: 
     backbone = "" if frozen or lrs[-1] == lrs[0] else f" (backbone {lrs[-1]:.2g})"
     return (f"epoch {row['epoch']} ({row['epoch'] + 1} of {epochs})  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
-            f"lr {lrs[0]:.2g}{backbone}  {row['seconds']:.1f}s{'  *best' if is_best else ''}")
+            + (f"mAP {row['map']:.4f} F1 {row['micro_f1']:.4f}  " if "map" in row else "")
+            + f"lr {lrs[0]:.2g}{backbone}  {row['seconds']:.1f}s{'  *best' if is_best else ''}")
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -69,14 +74,22 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def summary(state: RunState, total: float, out: Path) -> None:
+    multi = bool(state.history) and all("map" in r for r in state.history)  # (several labels per image)
     t = Table(title=f"tl_dist run: {escape(printable(out))}")
-    for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
+    for col in ("epoch", "train loss", "train acc", "val loss", "val acc", *(("val mAP",) if multi else ()), "lr", "s"):
         t.add_column(col, justify="right")
     for r in state.history:
+        best = " *" if r["epoch"] == state.best_epoch else ""
         t.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}", f"{r['val_loss']:.4f}",
-                  f"{r['val_acc']:.4f}" + (" *" if r["epoch"] == state.best_epoch else ""), f"{r['lr']:.2g}",
-                  f"{r['seconds']:.1f}")
+                  f"{r['val_acc']:.4f}" + ("" if multi else best), *((f"{r['map']:.4f}{best}",) if multi else ()),
+                  f"{r['lr']:.2g}", f"{r['seconds']:.1f}")
     Console().print(t)
     # Plain prints: scripts read these lines, and a console would wrap a long path.
-    print(f"total {total:.1f}s; best val acc {state.best_epoch_val_acc:.4f} at epoch {state.best_epoch}", flush=True)
+    if multi:
+        row = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+        print(f"total {total:.1f}s; best val mAP {row['map'] if row else 0.0:.4f} at epoch {state.best_epoch} "
+              f"(exact-match accuracy {state.best_epoch_val_acc:.4f})", flush=True)
+    else:
+        print(f"total {total:.1f}s; best val acc {state.best_epoch_val_acc:.4f} at epoch {state.best_epoch}",
+              flush=True)
     print(f"best weights: {printable(out / 'best.safetensors')}", flush=True)

@@ -76,7 +76,7 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     agree(accelerator, lambda: run_dir.prepare_output_dir(out, lock, cfg.train.resume) if main_proc else None)
     seed_everything(cfg.train.seed)
 
-    d, fingerprint, listed = prepare_data(cfg, accelerator, log)
+    cfg, d, fingerprint, listed = prepare_data(cfg, accelerator, log)
     net = agree(accelerator, backbones.build, cfg.model, len(d.classes), cfg.data.image_size)
     state = read_state(cfg, accelerator, net, d.classes, log)
     start = state.next_epoch if state is not None else 0
@@ -117,16 +117,19 @@ def start_processes(cfg: Config):
     return accelerator, mp
 
 
-def screened_splits(cfg: Config, accelerator, log, recorded: dict | None = None) -> tuple[listing.DataSet, ScanReport]:
+def screened_splits(cfg: Config, accelerator, log,
+                    recorded: dict | None = None) -> tuple[Config, listing.DataSet, ScanReport]:
     """The data set's classes and parts (train and val without the files the scan left out), every
     file checked (rank 0 scans, every rank gets the result, so all agree on what is left out); the
-    demo set generated first where asked for. A split made by data.val_split keeps ``recorded``."""
+    demo set generated first where asked for. A split made by data.val_split keeps ``recorded``.
+    The config comes back with the task resolved (``resolve_task``)."""
     if cfg.data.demo:
         if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
             log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
         # (on every node's first rank; the others wait, then all learn of a refusal together)
         agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
     data = agree(accelerator, listing.list_data, cfg.data, recorded)
+    cfg = resolve_task(cfg, data)
     if data.note:
         log(data.note)
     if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the
@@ -137,21 +140,40 @@ def screened_splits(cfg: Config, accelerator, log, recorded: dict | None = None)
     if report.bad:
         data.train = [s for s in data.train if s[0] not in report.bad]
         data.val = [s for s in data.val if s[0] not in report.bad]
-    return data, report
+    return cfg, data, report
 
 
-def prepare_data(cfg: Config, accelerator, log) -> tuple[loaders.Data, dict | None, listing.DataSet]:
-    """This rank's data, (rank 0) the fingerprint of what it trains on, and the data set's listing
-    (its layout, and the split it made or kept: split.json's content)."""
+def resolve_task(cfg: Config, data: listing.DataSet) -> Config:
+    """train.task from the data where it is not set (multi_label when images have several labels),
+    and train.select_best_by's default for it; the data's labels as the task takes them."""
+    task = cfg.train.task or ("multi_label" if data.multi_label else "single_label")
+    if task == "single_label" and data.multi_label:
+        raise UserError("train: train.task=single_label, but the labels file gives images several labels "
+                        "(data.label_delimiter, or JSON lists); set train.task=multi_label, or one label per row")
+    by = cfg.train.select_best_by or ("map" if task == "multi_label" else "val_acc")
+    if task == "single_label" and by in ("map", "micro_f1"):
+        raise UserError(f"config: train.select_best_by={by} is a multi_label metric, and this run is single_label "
+                        f"(one label per image); use val_acc, macro_f1 or val_loss")
+    if task == "multi_label":
+        if cfg.data.sampler == "balanced":
+            raise UserError("config: data.sampler=balanced draws images by their class, and a multi_label image "
+                            "has several (or none); use data.sampler=shuffle, or train.class_weights=balanced")
+        data.as_multi_label()
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task, select_best_by=by))
+
+
+def prepare_data(cfg: Config, accelerator, log) -> tuple[Config, loaders.Data, dict | None, listing.DataSet]:
+    """The config with its task resolved; this rank's data, (rank 0) the fingerprint of what it
+    trains on, and the data set's listing (its layout, and the split it made or kept)."""
     recorded = on_main_then_share(accelerator, lambda: recorded_split(cfg))
-    data, report = screened_splits(cfg, accelerator, log, recorded)
+    cfg, data, report = screened_splits(cfg, accelerator, log, recorded)
     fingerprint = data_fingerprint(data.train, data.val, report.nbytes) if accelerator.is_main_process else None
     d = agree(accelerator, loaders.build, cfg.data, data.classes, data.train, data.val, seed=cfg.train.seed,
               world=accelerator.num_processes, rank=accelerator.process_index,
               device=accelerator.device, sizes=report.sizes)
     if d.warning:
         log(d.warning)
-    return d, fingerprint, data
+    return cfg, d, fingerprint, data
 
 
 def recorded_split(cfg: Config) -> dict | None:
@@ -231,11 +253,14 @@ def build_step(cfg: Config, accelerator, optimizer, mp: str) -> TrainStep:
 
 
 def step_settings(cfg: Config, frozen: bool, channels_last: bool, d: loaders.Data, device) -> StepSettings:
-    weights = (optim.class_weights([y for _, y in d.train.samples], len(d.classes)).to(device)
+    multi = cfg.train.task == "multi_label"
+    weighted = optim.positive_weights if multi else optim.class_weights
+    weights = (weighted([y for _, y in d.train.samples], len(d.classes)).to(device)
                if cfg.train.class_weights == "balanced" else None)
     t = cfg.train
     return StepSettings(cfg.data.mean, cfg.data.std, channels_last, frozen, cfg.model.frozen_bn, t.grad_accum_steps,
-                        t.label_smoothing, weights, t.seed, t.mixup_alpha, t.cutmix_alpha, t.mix_prob)
+                        t.label_smoothing, weights, t.seed, t.mixup_alpha, t.cutmix_alpha, t.mix_prob, multi,
+                        t.threshold)
 
 
 def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data, mp: str, split: dict | None) -> dict:
@@ -252,6 +277,8 @@ def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data
     }
     if split is not None:  # (the lists stay in split.json)
         meta["split"] = splits.summary(split)
+    if cfg.train.task == "multi_label":  # (a checkpoint without "task" is single_label)
+        meta["task"], meta["threshold"] = "multi_label", cfg.train.threshold
     return meta
 
 

@@ -87,6 +87,7 @@ def end_status(cfg: Config, lock: run_dir.RunLock, status: str, detail: str = ""
 
 def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWriter, lock: run_dir.RunLock) -> RunResult:
     run = set_up(cfg, lock)
+    cfg = run.cfg  # (with what set-up resolved from the data: the task, the best-epoch metric)
     accelerator, state, d = run.accelerator, run.state, run.data
     t_run, interrupted = time.perf_counter(), 0
     for epoch in range(state.next_epoch, cfg.train.epochs):
