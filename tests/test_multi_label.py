@@ -171,6 +171,13 @@ def test_an_onnx_export_carries_the_task_and_predicts_the_same_labels(ml_run, ta
     want = Predictor.from_checkpoint(ml_run, device="cpu").predict(paths)
     assert [[e["label"] for e in r["labels"]] for r in got.predict(paths)] == [[e["label"] for e in r["labels"]]
                                                                                for r in want]
+    # per-class thresholds travel in the exported file's description
+    (tmp_path / "t.json").write_text(json.dumps({"format": "tl_dist-thresholds/1", "classes": ["blue", "green", "red"],
+                                                 "thresholds": [0.01, 0.99, 0.99]}))
+    assert export.main([str(ml_run), "--out", str(tmp_path / "t.onnx"), "--thresholds", str(tmp_path / "t.json")]) == 0
+    tuned = Predictor.from_checkpoint(tmp_path / "t.onnx", device="cpu")
+    assert tuned.thresholds == [0.01, 0.99, 0.99]
+    assert [[e["label"] for e in r["labels"]] for r in tuned.predict(paths)] == [["blue"]] * len(paths)
 
 
 @pytest.mark.slow

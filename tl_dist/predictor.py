@@ -32,7 +32,8 @@ class Predictor:
         self.classes: list[str] = meta["classes"]
         self.multi_label = meta.get("task") == "multi_label"
         # multi_label: per class, the probability from which it is predicted (use_thresholds may tune them)
-        self.thresholds: list[float] = [float(meta.get("threshold", 0.5))] * len(self.classes)
+        self.thresholds: list[float] = (list(meta["thresholds"]) if "thresholds" in meta  # (an export's, checked)
+                                        else [float(meta.get("threshold", 0.5))] * len(self.classes))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", trust_code: bool = False) -> "Predictor":
@@ -65,26 +66,26 @@ class Predictor:
                             f"{first_line(e)}") from None
         return cls(model.to(device), meta, device)
 
-    def use_thresholds(self, path: str | Path) -> None:
+    def use_thresholds(self, path: str | Path, who: str = "predict") -> None:
         """Per-class thresholds from a file ``tl-dist evaluate --tune-thresholds`` wrote (multi_label)."""
         import json
 
         if not self.multi_label:
-            raise UserError(f"predict: --thresholds {path}: this checkpoint is single_label (one class per image: "
+            raise UserError(f"{who}: --thresholds {path}: this checkpoint is single_label (one class per image: "
                             f"the most probable); thresholds apply to multi_label checkpoints")
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
         except (OSError, ValueError, RecursionError) as e:
-            raise UserError(f"predict: --thresholds {path} cannot be read ({first_line(e)})") from None
+            raise UserError(f"{who}: --thresholds {path} cannot be read ({first_line(e)})") from None
         t = doc.get("thresholds") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("format") != THRESHOLDS_FORMAT or not isinstance(t, list):
-            raise UserError(f"predict: --thresholds {path} is not a thresholds file (tl-dist evaluate "
+            raise UserError(f"{who}: --thresholds {path} is not a thresholds file (tl-dist evaluate "
                             f"--tune-thresholds writes them)")
         if doc.get("classes") != self.classes:
-            raise UserError(f"predict: --thresholds {path} is for other classes than the checkpoint's")
+            raise UserError(f"{who}: --thresholds {path} is for other classes than the checkpoint's")
         if len(t) != len(self.classes) or not all(isinstance(v, (int, float)) and 0 < v < 1 for v in t):
-            raise UserError(f"predict: --thresholds {path}: expected one probability between 0 and 1 per class")
+            raise UserError(f"{who}: --thresholds {path}: expected one probability between 0 and 1 per class")
         self.thresholds = [float(v) for v in t]
 
     def eval_tensor(self, item):

@@ -189,6 +189,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="replace --out (and FILE.json) even if they are not an earlier export; a run's own files "
                         "(resume.pt) are never replaced")
+    p.add_argument("--thresholds", help="multi_label: per-class thresholds (tl-dist evaluate --tune-thresholds) for "
+                   "the exported file's description, which predict then uses")
     return p.parse_args(argv)
 
 
@@ -269,6 +271,8 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
     from tl_dist.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    if args.thresholds:
+        predictor.use_thresholds(args.thresholds, who="export")
     meta = predictor.meta
     uint8, size = args.input == "uint8", meta["image_size"]
     dynamic = args.dynamic_batch or fmt == "torchscript"  # a trace does not fix the batch
@@ -292,6 +296,8 @@ def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:
     desc: dict[str, Any] = {"format": FORMAT, "export_format": fmt, **{k: meta[k] for k in keep if k in meta},
                             "input": spec, "source": str(ckpt), "tl_dist": __version__,
                             "torch": torch.__version__}
+    if args.thresholds:
+        desc["thresholds"] = predictor.thresholds
     example = as_input(real[:2] if dynamic else real[:1], spec)
 
     from tl_dist.files.outputs import remove_stale_temp_dirs

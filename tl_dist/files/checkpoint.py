@@ -156,6 +156,10 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
         ("task", meta.get("task", "single_label") in ("single_label", "multi_label"), "single_label or multi_label"),
         ("threshold", "threshold" not in meta or (_number(meta["threshold"]) and 0 < meta["threshold"] < 1),
          "a probability between 0 and 1"),
+        ("thresholds", "thresholds" not in meta or (isinstance(meta["thresholds"], list) and isinstance(classes, list)
+                                                    and len(meta["thresholds"]) == len(classes)
+                                                    and all(_number(t) and 0 < t < 1 for t in meta["thresholds"])),
+         "one probability between 0 and 1 per class"),
     )
     for key, ok, expected in checks:
         if not ok:
