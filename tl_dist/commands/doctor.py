@@ -236,6 +236,30 @@ class SelfTest:
         torch.cuda.synchronize()
         return f"captured and replayed; weights match the eager run within {worst:.1e}"
 
+    def sync_free(self) -> str:
+        """The steady-state step under torch.cuda.set_sync_debug_mode("error")."""
+        from tl_dist import config, distributed
+        from tl_dist.distributed import StopRequest
+        from tl_dist.files.run_dir import RunLock
+        from tl_dist.models.backbones import resolve
+        from tl_dist.training import setup
+        from tl_dist.training.sync_check import steady_state_steps
+
+        if not self.cuda:
+            raise Skip("no CUDA device (the CPU has no device to wait for)")
+        self.runs += 1
+        cfg = config.load(None, [f"data.root={self.data}", f"train.output_dir={self.work / f'run{self.runs}'}",
+                                 "model.weights=none", "data.image_size=32", "data.resize_size=36",
+                                 "data.batch_size=2", "data.num_workers=0", "train.plots=false",
+                                 "train.ema_decay=0.9", "scheduler.name=cosine", "train.mixup_alpha=0.2"])
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), StopRequest() as stop:
+                steps = steady_state_steps(setup.set_up(resolve(cfg), RunLock()), stop, steps=3)
+        finally:
+            distributed.reset_state()
+        return f"{steps} steps (schedule, MixUp, EMA, stop check) ran with no synchronising call"
+
     def background_writer(self) -> str:
         import torch
         from safetensors.torch import load_file
@@ -289,6 +313,7 @@ CHECKS: list[tuple[str, str, str]] = [
     ("RAM image cache", "ram_cache", "data.cache=none"),
     ("device cache + GPU augmentation", "device_cache", "data.cache=ram"),
     ("CUDA graph replay", "cuda_graph", "train.cuda_graphs=false"),
+    ("train step without host waits", "sync_free", "-"),
     ("background checkpoint writer", "background_writer", "-"),
     ("2-process group + rank check", "two_processes", "-"),
 ]

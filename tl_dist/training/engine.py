@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # the loop's collaborators, called by name
     from tl_dist.training.optim import Schedule
 
 
+IGNORED = -100  # the label cross-entropy skips: a weight-0 sample's, in evaluation
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -149,11 +152,20 @@ class EagerStep:
 
 
 def to_device(batch, device, ctx: StepSettings):
-    """(x, y, w) on the device, and the dataset indices of samples that failed to decode."""
+    """(x, y, w) on the device, and the batch's dataset indices as the loader gave them (host
+    memory; -1-i marks sample i that failed to decode: ``failed`` reads them once an epoch)."""
     x, y, w, idx = batch
     x = normalize(x.to(device, non_blocking=True), ctx.mean, ctx.std, ctx.channels_last)
-    failed = (-1 - idx[idx < 0]).tolist() if (idx < 0).any() else []
-    return x, y.to(device, non_blocking=True), w.to(device, torch.float32, non_blocking=True), failed
+    return x, y.to(device, non_blocking=True), w.to(device, torch.float32, non_blocking=True), idx
+
+
+def failed(indices: list[torch.Tensor]) -> list[int]:
+    """The dataset indices of the samples that failed to decode, from the batches' index tensors.
+    Read at the epoch's end, not per step: the host never waits for a step to learn about a file."""
+    if not indices:
+        return []
+    idx = torch.cat([i.reshape(-1) for i in indices])  # (host tensors, made by the loaders)
+    return (-1 - idx[idx < 0]).tolist()
 
 
 def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: TrainBatchSampler,
@@ -166,26 +178,26 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
     model.train()
     set_train_mode(accelerator.unwrap_model(model), True, settings.frozen, settings.frozen_bn)
     train_step.begin_epoch(model, settings)
-    bad: list[int] = []
+    indices: list[torch.Tensor] = []  # each batch's dataset indices (which samples failed to decode)
     # (closed however the loop ends, so an error the run prints starts a line of its own)
     with tqdm(total=len(sampler), desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
-        stopped = _train_steps(accelerator, model, loader, sampler, train_step, settings, epoch, bar, bad,
+        stopped = _train_steps(accelerator, model, loader, sampler, train_step, settings, epoch, bar, indices,
                                schedule, ema, stop, tracking)
     loss_sum, correct, count = reduce_sum(accelerator, [train_step.epoch_sums()])[0].tolist()
     n = max(1.0, count)
     return EpochResult(loss_sum / n, correct / n, int(count), time.perf_counter() - t0,
-                       gather_union(accelerator, bad), stopped)
+                       gather_union(accelerator, failed(indices)), stopped)
 
 
 def _train_steps(accelerator, model, loader, sampler, train_step, settings: StepSettings, epoch: int, bar,
-                 bad: list[int], schedule, ema, stop, tracking) -> bool:
+                 indices: list[torch.Tensor], schedule, ema, stop, tracking) -> bool:
     """The epoch's micro-batches; whether a stop was asked for."""
     world, k, n_micro = accelerator.num_processes, settings.grad_accum_steps, len(sampler)
     done = 0  # images the epoch's earlier optimizer steps took, over all ranks
     for micro, batch in enumerate(loader):
-        x, y, w, failed = to_device(batch, accelerator.device, settings)
-        bad += failed
+        x, y, w, idx = to_device(batch, accelerator.device, settings)
+        indices.append(idx)
         # One optimizer step per window of k micro-batches; windows restart each epoch, the last may be short.
         lo = micro // k * k
         hi = min(lo + k, n_micro)
@@ -239,7 +251,7 @@ def evaluate(accelerator, model, loader, ctx: StepSettings, num_classes: int, ep
     dev = accelerator.device
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=dev, dtype=torch.float64)
-    bad: list[int] = []
+    indices: list[torch.Tensor] = []
     reuse = head_inputs is not None and head_inputs.batches is not None
     keep: list | None = [] if head_inputs is not None and not reuse else None
     seen: list[torch.Tensor] = []
@@ -251,27 +263,31 @@ def evaluate(accelerator, model, loader, ctx: StepSettings, num_classes: int, ep
             return
         for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True,
                           disable=not accelerator.is_main_process):
-            x, y, w, failed = to_device(batch, dev, ctx)
-            bad.extend(failed)
+            x, y, w, idx = to_device(batch, dev, ctx)
+            indices.append(idx)
             yield x, y, w
 
-    scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # multi_label: (probabilities, truth) of real samples
+    scores: list[tuple[torch.Tensor, ...]] = []  # multi_label: (probabilities, truth, real) per batch
+    # Padding and undecodable samples (weight 0) are left out by arithmetic, not by boolean indexing,
+    # which would make the host wait for the device at every batch.
     for x, y, w in batches():
         with accelerator.autocast():
             out = head(x) if reuse else net(x)
         if keep is not None:
             keep.append((seen.pop(), y, w))
-        ok = w > 0
+        real = w > 0
         if ctx.multi_label:  # (plain binary cross-entropy, as the single-label val loss is plain)
-            loss_sum += F.binary_cross_entropy_with_logits(out.float()[ok], y[ok], reduction="none").mean(1).sum()
-            scores.append((torch.sigmoid(out.float()[ok]), y[ok]))
+            per = F.binary_cross_entropy_with_logits(out.float(), y, reduction="none").mean(1)
+            loss_sum += torch.where(real, per, torch.zeros_like(per)).sum()
+            scores.append((torch.sigmoid(out.float()), y, real))
             continue
-        loss_sum += F.cross_entropy(out.float()[ok], y[ok], reduction="sum")
-        confusion += torch.bincount(y[ok] * num_classes + out.argmax(1)[ok],
-                                    minlength=num_classes * num_classes).to(torch.float64)
+        # (ignore_index leaves them out of the same summed kernel tl-dist evaluate uses: the same bits)
+        loss_sum += F.cross_entropy(out.float(), torch.where(real, y, IGNORED), reduction="sum", ignore_index=IGNORED)
+        confusion.index_add_(0, y * num_classes + out.argmax(1), real.to(torch.float64))
     if keep is not None:
         hook.remove()
         head_inputs.batches = keep
+    bad = failed(indices)
     if ctx.multi_label:
         return _multi_label_result(accelerator, loss_sum, scores, num_classes, ctx.threshold, bad, t0)
     loss_sum, confusion = reduce_sum(accelerator, [loss_sum, confusion])
@@ -286,8 +302,12 @@ def _multi_label_result(accelerator, loss_sum: torch.Tensor, scores: list, num_c
     """The ranks' scores gathered in rank order (each rank's shard is contiguous: sample order), and
     the metrics of the whole val set computed alike on every rank, so all agree on the best epoch."""
     empty = torch.zeros(0, num_classes)
-    mine = (torch.cat([p for p, _ in scores]).cpu(), torch.cat([t for _, t in scores]).cpu()) if scores \
-        else (empty, empty)
+    if scores:  # (the real samples picked on the host, once, at the end)
+        real = torch.cat([r for _, _, r in scores]).cpu()
+        mine = (torch.cat([p for p, _, _ in scores]).cpu()[real], torch.cat([t for _, t, _ in scores]).cpu()[real])
+        # (one read each, once an epoch)
+    else:
+        mine = (empty, empty)
     parts = gather_objects(accelerator, mine)
     probs, truth = torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
     loss_sum = reduce_sum(accelerator, [loss_sum])[0]

@@ -88,6 +88,7 @@ def end_status(cfg: Config, lock: run_dir.RunLock, status: str, detail: str = ""
 def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWriter, lock: run_dir.RunLock) -> RunResult:
     run = set_up(cfg, lock)
     cfg = run.cfg  # (with what set-up resolved from the data: the task, the best-epoch metric)
+    stop.attach(run.accelerator, cfg.train.collective_timeout)
     accelerator, state, d = run.accelerator, run.state, run.data
     t_run, interrupted = time.perf_counter(), 0
     for epoch in range(state.next_epoch, cfg.train.epochs):
@@ -114,7 +115,7 @@ def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWri
         is_best = record_and_save(run, writer, row, va)
         run.tracking.epoch(row)
         run.log(epoch_line(row, cfg.train.epochs, lrs, run.settings.frozen, is_best))
-        if stop.check(accelerator) and epoch + 1 < cfg.train.epochs:
+        if stop.check(accelerator, now=True) and epoch + 1 < cfg.train.epochs:
             interrupted = stop.signum or signal.SIGTERM
             break
     return finish(run, writer, interrupted, time.perf_counter() - t_run)
