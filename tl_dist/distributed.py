@@ -28,6 +28,7 @@ from tl_dist import tracking
 from tl_dist.config import Config
 from tl_dist.errors import UserError, first_line
 
+CHECK_EVERY = 8  # several processes: optimizer steps between exchanges of the stop flags
 GRACE_SECONDS = 20.0  # after a stop signal, exit even if no step boundary was reached by then
 
 
@@ -364,9 +365,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._group = None  # several processes: the CPU (gloo) group the flags are exchanged over
-        self._flag = torch.zeros(1)
-        self._seen = self._flag.numpy()  # (read through numpy: a plain host read, no tensor call)
-        self._pending = None  # the exchange started at the last step boundary
+        self._calls = 0  # in-loop checks so far: the same count on every rank
         # called by the watchdog just before it ends the process (the run's status file says so)
         self.before_forced_exit: Callable[[], None] = lambda: None
         self._previous: dict[int, Any] = {}
@@ -417,37 +416,25 @@ class StopRequest:
             os.close(r)
 
     def attach(self, accelerator, timeout_s: float) -> None:
-        """Several processes: a gloo group of its own for the flags (every rank calls this at the same
-        point): on the CPU, so that exchanging them never waits for the GPU, and apart from the group
-        the gradients are reduced in."""
+        """Several processes: a CPU (gloo) group for the flags, so that exchanging them never waits for
+        the GPU: the job's own group where it is gloo, else one of its own (every rank calls this at
+        the same point)."""
         if accelerator.num_processes > 1 and self._group is None:
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
 
     def check(self, accelerator, now: bool = False) -> bool:
         """Whether a rank was asked to stop: every rank calls it at the same step boundaries and gets
         the same answer, so all stop at the same boundary. It never waits for the device: with one
-        process it reads its own flag; with several the flags are summed over the CPU group, started
-        at one boundary and read at the next (a signal is acted on one step later), or at once with
-        ``now`` (an epoch's end, where the loop waits anyway)."""
+        process it reads its own flag; with several the flags are summed over the CPU group every
+        CHECK_EVERY calls (a signal is acted on within that many optimizer steps), and at once with
+        ``now`` (an epoch's end)."""
         mine = 1.0 if self.signum is not None else 0.0
         if accelerator.num_processes == 1 or self._group is None:
             return mine > 0
-        if now:
-            self.settle()
-            self._flag.fill_(mine)
-            dist.all_reduce(self._flag, group=self._group)
-            return bool(self._seen[0] > 0)
-        seen = False
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending, seen = None, bool(self._seen[0] > 0)
-        if not seen:  # (stopping: nothing more to exchange)
-            self._flag.fill_(mine)
-            self._pending = dist.all_reduce(self._flag, group=self._group, async_op=True)
-        return seen
-
-    def settle(self) -> None:
-        """Wait for an exchange still in flight (before a blocking one, or the loop's end)."""
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
+        self._calls += 1
+        if not now and self._calls % CHECK_EVERY:
+            return False
+        flag = torch.tensor([mine])  # (a CPU tensor on a gloo group: the device is not involved)
+        dist.all_reduce(flag, group=self._group)
+        return flag.tolist()[0] > 0
