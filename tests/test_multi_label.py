@@ -128,6 +128,14 @@ def test_a_multi_label_run_reports_map_and_f1_and_picks_best_by_map(ml_run):
     assert best["epoch"] == max(rows, key=lambda r: (r["map"], -r["epoch"]))["epoch"]
     cfg = (ml_run / "config.yaml").read_text()
     assert "task: multi_label" in cfg and "select_best_by: map" in cfg
+    assert best["map"] == max(r["map"] for r in rows)  # what every checkpoint says of itself
+
+
+def test_runs_lists_a_multi_label_run_by_its_map(ml_run, capsys):
+    from tl_dist.commands import runs
+    assert runs.main([str(ml_run.parent)]) == 0
+    best = json.loads((ml_run / "best.json").read_text())
+    assert f"mAP {best['map']:.4f} ({best['epoch']})" in capsys.readouterr().out
 
 
 def test_evaluate_reproduces_a_multi_label_runs_val_numbers(ml_run, tagged, tmp_path, capsys):

@@ -138,7 +138,7 @@ def describe(run: Path, root: Path) -> dict[str, Any]:
     except Exception as e:  # a case the checks above missed still costs one row, not the listing
         problems.found.append(f"{type(e).__name__}: {str(e)[:80]}")
         row = {"name": str(run.relative_to(root)) if run != root else run.name, "path": str(run), "arch": None,
-               "mode": None, "epochs_done": 0, "epochs_planned": None, "best_val_acc": None, "best_epoch": None,
+               "mode": None, "epochs_done": 0, "epochs_planned": None, "best_val_acc": None, "best_map": None, "best_epoch": None,
                "status": "unknown", "bytes": _size(run)}
     if problems.found:
         row["status"] = f"{row['status']}; unreadable: {'; '.join(problems.found[:3])}"
@@ -182,6 +182,8 @@ def _describe(run: Path, root: Path, problems: Problems) -> dict[str, Any]:
             "mode": problems.field(last, "mode", str, "last.json") or problems.field(model, "mode", str, "config model."),
             "epochs_done": done, "epochs_planned": planned,
             "best_val_acc": problems.field(best, "val_acc", number, "best.json", lambda v: 0 <= v <= 1),
+            # (several labels per image: the best epoch's mAP, shown instead of its exact-match accuracy)
+            "best_map": problems.field(best, "map", number, "best.json", lambda v: 0 <= v <= 1),
             "best_epoch": problems.field(best, "epoch", int, "best.json", lambda v: v >= 0),
             "status": state, "bytes": _size(run)}
 
@@ -220,7 +222,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist runs") -> int:
                       ("best val acc (epoch)", "right"), ("status", "left"), ("size", "right")):
         t.add_column(col, justify=just, overflow="fold")
     for r in rows:
-        best = "-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f} ({r['best_epoch'] if r['best_epoch'] is not None else '?'})"
+        epoch = r["best_epoch"] if r["best_epoch"] is not None else "?"
+        best = ("-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f} ({epoch})" if r.get("best_map") is None
+                else f"mAP {r['best_map']:.4f} ({epoch})")
         t.add_row(*(escape(printable(str(v))) for v in (
             r["name"], r["arch"] or "?", r["mode"] or "?", f"{r['epochs_done']}/{r['epochs_planned'] or '?'}",
             best, r["status"], _mb(r["bytes"]))))

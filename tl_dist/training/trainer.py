@@ -174,7 +174,8 @@ def record_and_save(run: Run, writer: background_writer.BackgroundWriter, row: d
     rngs = gather_objects(accelerator, rng_state())
     if accelerator.is_main_process:
         state.optimizer, state.rng = background_writer.snapshot(run.optimizer.state_dict()), rngs
-        meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss, "macro_f1": row["macro_f1"]}
+        meta = {**run.meta, "epoch": row["epoch"], "val_acc": va.acc, "val_loss": va.loss, "macro_f1": row["macro_f1"],
+                **{k: row[k] for k in ("map", "micro_f1") if k in row}}  # (several labels per image)
         resume = state.to_resume(model_identity(run.cfg, run.data.classes))
         writer.submit(functools.partial(save_epoch, run.out, meta, is_best, resume))
     return is_best
