@@ -294,17 +294,25 @@ def test_torchrun_restarts_a_killed_rank_and_the_job_resumes(tiny_data, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_split_made_by_val_split_is_the_same_for_one_and_two_processes(tmp_path):
-    """The draw is a function of (split_seed, relative path) only: 2 processes record the split 1 does,
-    and evaluate the same val images to the same numbers (frozen: 1 x batch 6 == 2 x batch 3)."""
-    root = make_images(tmp_path / "photos", {"all": {"ants": 14, "bees": 12}}) / "all"
-    common = ("model.mode=frozen", "train.epochs=2", "data.val_split=0.3", "data.test_split=0.1")
+def _one_then_two(root, tmp_path, *common) -> tuple[list[dict], list[dict]]:
+    """The same frozen run on 1 process with batch 6 and 2 with batch 3 (the same global batch): the
+    split each recorded must be the same; their metrics rows."""
     one = run_cli("-m", "tl_dist.train", *_args(root, tmp_path / "one", *common, "data.batch_size=6"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch(2, *_args(root, tmp_path / "two", *common, "data.batch_size=3"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "one" / "split.json").read_bytes() == (tmp_path / "two" / "split.json").read_bytes()
     ra, rb = ([json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    assert len(ra) == len(rb) == 2
+    return ra, rb
+
+
+def test_a_split_made_by_val_split_is_the_same_for_one_and_two_processes(tmp_path):
+    """The draw is a function of (split_seed, relative path) only: 2 processes record the split 1 does,
+    and evaluate the same val images to the same numbers."""
+    root = make_images(tmp_path / "photos", {"all": {"ants": 14, "bees": 12}}) / "all"
+    ra, rb = _one_then_two(root, tmp_path, "model.mode=frozen", "train.epochs=2", "data.val_split=0.3",
+                           "data.test_split=0.1")
     for x, y in zip(ra, rb):
         assert x["val_acc"] == y["val_acc"] and x["val_samples"] == y["val_samples"] == 8
         assert abs(x["val_loss"] - y["val_loss"]) < 1e-5
@@ -312,15 +320,9 @@ def test_a_split_made_by_val_split_is_the_same_for_one_and_two_processes(tmp_pat
 
 def test_multi_label_two_processes_equal_one_process(tmp_path):
     """Several labels per image: the same split, and val mAP / F1 / loss computed on the whole val
-    set (the ranks' scores gathered), so 2 processes report what 1 does (frozen: 1 x 6 == 2 x 3)."""
+    set (the ranks' scores gathered), so 2 processes report what 1 does."""
     root = make_tagged(tmp_path / "tagged", 48)
-    common = (*ML, "model.mode=frozen", "train.epochs=2", "optim.lr=0.05")
-    one = run_cli("-m", "tl_dist.train", *_args(root, tmp_path / "one", *common, "data.batch_size=6"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = accelerate_launch(2, *_args(root, tmp_path / "two", *common, "data.batch_size=3"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert (tmp_path / "one" / "split.json").read_bytes() == (tmp_path / "two" / "split.json").read_bytes()
-    ra, rb = ([json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    ra, rb = _one_then_two(root, tmp_path, *ML, "model.mode=frozen", "train.epochs=2", "optim.lr=0.05")
     for x, y in zip(ra, rb):
         assert x["val_samples"] == y["val_samples"] == 12 and x["val_acc"] == y["val_acc"]
         for key in ("map", "micro_f1", "macro_f1", "val_loss", "train_loss"):
