@@ -200,3 +200,18 @@ def test_a_multi_label_resume_is_bit_identical(ml_run, tagged, tmp_path):
     strip = lambda t: [{k: v for k, v in json.loads(l).items() if "seconds" not in k and k != "peak_host_mb"}
                        for l in t.splitlines()]
     assert strip(ra) == strip(rb)
+
+
+def test_a_run_from_before_the_task_key_resumes_without_a_reported_change():
+    import dataclasses
+
+    from tl_dist.training.run_state import RunState, changes
+    c = config.Config()
+    old = c.to_dict()
+    del old["train"]["task"], old["data"]["label_delimiter"]
+    old["train"]["select_best_by"] = "val_acc"  # (what such a run's config.yaml holds)
+    resolved = dataclasses.replace(c, train=dataclasses.replace(c.train, task="single_label", select_best_by="val_acc"))
+    assert changes(RunState(config=old), {}, resolved.to_dict()) == {}
+    multi = dataclasses.replace(c, train=dataclasses.replace(c.train, task="multi_label", select_best_by="map"))
+    assert changes(RunState(config=old), {}, multi.to_dict()) == {"train.select_best_by": ["val_acc", "map"],
+                                                                   "train.task": [None, "multi_label"]}

@@ -136,6 +136,8 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
 
 # Keys whose change at a resume is the normal case, not news.
 EXPECTED_CHANGES = ("train.epochs", "train.resume")
+# What set-up resolves a null to for runs made before the key existed (one label per image).
+RESOLVED_DEFAULTS = {"train.task": "single_label", "train.select_best_by": "val_acc"}
 
 
 def data_fingerprint(train: list[tuple[str, int]], val: list[tuple[str, int]], nbytes: dict[str, int]) -> dict:
@@ -167,10 +169,11 @@ def changes(state: RunState, data: dict, config: dict) -> dict[str, list]:
             out[f"{split} files"] = ["changed", f"same count ({new['images']}), other files or sizes"]
     if state.config:
         old, new, default = _flat(state.config), _flat(config), _flat(Config().to_dict())
-        # (a key newer than the saved config, at its default, changes nothing the run does)
+        # (a key newer than the saved config, at its default or what set-up resolves the default to
+        # for such a run, changes nothing the run does)
         out.update({k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
                     if k not in EXPECTED_CHANGES and old.get(k) != new.get(k)
-                    and not (k not in old and new.get(k) == default.get(k))})
+                    and not (k not in old and new.get(k) in (default.get(k), RESOLVED_DEFAULTS.get(k)))})
     return out
 
 
