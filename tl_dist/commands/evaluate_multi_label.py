@@ -48,14 +48,15 @@ def finish(args, metrics_head: dict, paths: list[str], targets: torch.Tensor, lo
     from tl_dist.files import atomic
 
     classes, thresholds = predictor.classes, predictor.thresholds
+    probs = torch.sigmoid(logits)  # (once: the metrics, the tuning, the csv and the curves read it)
     batch = metrics_head["batch_size"]
     metrics = {**metrics_head, **metrics_of(logits, targets, classes, thresholds, batch)}
     if mirrored is not None:
         tta = metrics_of((logits + mirrored) / 2, targets, classes, thresholds, batch)
         metrics["tta_flip"] = {k: tta[k] for k in ("map", "micro_f1", "macro_f1", "exact_match", "loss")}
     if args.tune_thresholds:
-        tuned = best_f1_thresholds(torch.sigmoid(logits), targets, predictor.thresholds[0])
-        with_tuned = multi_label_metrics(torch.sigmoid(logits), targets, classes, tuned)
+        tuned = best_f1_thresholds(probs, targets, predictor.thresholds[0])
+        with_tuned = multi_label_metrics(probs, targets, classes, tuned)
         metrics["tuned_on_this_split"] = {"micro_f1": with_tuned["micro_f1"], "macro_f1": with_tuned["macro_f1"],
                                           "file": str(out / "thresholds.json")}
     out.mkdir(parents=True, exist_ok=True)
@@ -64,10 +65,10 @@ def finish(args, metrics_head: dict, paths: list[str], targets: torch.Tensor, lo
             {"format": THRESHOLDS_FORMAT, "checkpoint": metrics["checkpoint"], "tuned_on": metrics["data"],
              "classes": classes, "thresholds": tuned}, indent=1, allow_nan=False) + "\n")
     atomic.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    atomic.atomic_write_text(out / "predictions.csv", predictions_csv(paths, targets, torch.sigmoid(logits), classes,
+    atomic.atomic_write_text(out / "predictions.csv", predictions_csv(paths, targets, probs, classes,
                                                                       thresholds))
     visualize.drawn(visualize.ap_per_class, metrics["per_class"], metrics["map"], out / "ap_per_class.png")
-    visualize.drawn(visualize.pr_curves, torch.sigmoid(logits), targets, classes, out / "pr_curves.png")
+    visualize.drawn(visualize.pr_curves, probs, targets, classes, out / "pr_curves.png")
     return metrics
 
 
