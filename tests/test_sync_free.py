@@ -51,16 +51,7 @@ def host_reads(monkeypatch):
 
 def epoch_reads(tmp_path, images: int, over: tuple, reads: list[str]) -> tuple[int, int]:
     """(reads in one train epoch, reads in one evaluation) on a fresh run of ``images`` per class."""
-    reset_state()
-    root = tmp_path / f"d{images}"
-    if "data.labels=tags.csv" in over:
-        make_tagged(root, images * 2)
-    else:
-        make_images(root, {"train": {"a": images, "b": images}, "val": {"a": images, "b": images}})
-    cfg = config.load(ROOT / "configs" / "demo.yaml", [*FAST, f"data.root={root}", "data.demo=false", "data.batch_size=2",
-                                                      f"train.output_dir={tmp_path / f'run{images}'}", *over])
-    from tl_dist.models import backbones
-    run = setup.set_up(backbones.resolve(cfg), RunLock())
+    run = set_up_run(tmp_path, images, over)
     d = run.data
     d.train_sampler.set_epoch(0)
     run.schedule.start_epoch(0)
@@ -74,6 +65,19 @@ def epoch_reads(tmp_path, images: int, over: tuple, reads: list[str]) -> tuple[i
     return train, len(reads) - before
 
 
+def set_up_run(tmp_path, images: int, over: tuple) -> setup.Run:
+    reset_state()
+    root = tmp_path / f"d{images}"
+    if "data.labels=tags.csv" in over:
+        make_tagged(root, images * 2)
+    else:
+        make_images(root, {"train": {"a": images, "b": images}, "val": {"a": images, "b": images}})
+    cfg = config.load(ROOT / "configs" / "demo.yaml", [*FAST, f"data.root={root}", "data.demo=false", "data.batch_size=2",
+                                                      f"train.output_dir={tmp_path / f'run{images}'}", *over])
+    from tl_dist.models import backbones
+    return setup.set_up(backbones.resolve(cfg), RunLock())
+
+
 RECIPE = ("model.arch=shufflenet_v2_x0_5", "train.grad_accum_steps=2", "scheduler.name=cosine",
           "scheduler.warmup_epochs=0.5", "train.ema_decay=0.9", "train.label_smoothing=0.1",
           "train.class_weights=balanced", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "data.eval_batch_size=2")
@@ -85,6 +89,23 @@ def test_a_step_makes_the_host_wait_for_nothing(tmp_path, host_reads, task):
     small, large = epoch_reads(tmp_path, 6, over, host_reads), epoch_reads(tmp_path, 12, over, host_reads)
     assert small == large, f"per-step device reads: {host_reads}"
     assert small[0] > 0  # (the epoch's end reads its sums: the counter sees tl_dist's reads)
+
+
+def test_an_epoch_on_kept_features_makes_the_host_wait_for_nothing(tmp_path, host_reads):
+    """train.feature_cache: the epochs after the first run the classifier on kept features."""
+    from tl_dist.training import trainer
+
+    def cached_epoch(images: int) -> int:
+        run = set_up_run(tmp_path, images, ("model.mode=frozen", "data.augment=none", "train.epochs=3"))
+        with StopRequest() as stop:
+            for epoch in (0, 1):  # the first records the features, the second uses them
+                run.data.train_sampler.set_epoch(epoch)
+                run.schedule.start_epoch(epoch)
+                before = len(host_reads)
+                trainer.train_epoch(run, epoch, stop)
+                assert run.features.ready
+        return len(host_reads) - before
+    assert cached_epoch(6) == cached_epoch(12), f"per-step device reads: {host_reads}"
 
 
 def test_the_counter_catches_a_read_in_the_step(tmp_path, host_reads, monkeypatch):

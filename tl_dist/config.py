@@ -67,7 +67,9 @@ class DataConfig:
                         "images, with replacement, every class equally likely)", ("shuffle", "balanced"))
     augment: str = _key("seed", "after the crop and flip: seed (nothing more, the tutorial's), or torchvision's "
                         "trivialaugment (TrivialAugmentWide), randaugment (2 ops, magnitude 9) or autoaugment "
-                        "(the ImageNet policy); host (PIL) path", ("seed", "trivialaugment", "randaugment", "autoaugment"))
+                        "(the ImageNet policy), host (PIL) path; or none: no crop, flip or policy, training "
+                        "images get the val/predictor transform (Resize + CenterCrop: a linear probe)",
+                        ("seed", "trivialaugment", "randaugment", "autoaugment", "none"))
     random_erasing: float = _key(0.0, "probability of erasing a random rectangle of each train image (torchvision's "
                                  "RandomErasing: 2-33% of the area, filled with the mean colour)")
     batch_size: int = _key(4, "train batch per process (the global batch is this x processes)")
@@ -169,6 +171,10 @@ class TrainConfig:
                              "bound by kernel launches", ("default", "reduce-overhead", "max-autotune"))
     cuda_graphs: bool = _key(False, "replay the whole train step (forward, backward, SGD) as one CUDA graph: small "
                              "batches on one GPU; needs grad_accum_steps 1 and mixed_precision bf16 or no")
+    feature_cache: str = _key("auto", "a frozen backbone with a deterministic train transform (data.augment=none): "
+                              "keep each train image's backbone output from the first epoch and train only the "
+                              "head on them afterwards, within data.cache_gb; auto = whenever that is exact, off = "
+                              "run the backbone every epoch", ("auto", "off"))
 
 
 @dataclass
@@ -311,9 +317,9 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str, source: str, choices: tuple | None) -> Any:
     where = f"{key} (in {source})"
-    # YAML 1.1 reads a bare `no` as False; for a choice that includes "no" that is what was meant.
-    if choices and value is False and "no" in choices:
-        value = "no"
+    # YAML 1.1 reads a bare `no` / `off` as False; for a choice that includes it, that is what was meant.
+    if choices and value is False:
+        value = next((word for word in ("no", "off") if word in choices), value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -193,6 +193,19 @@ def gather_union(accelerator, items: list[int]) -> list[int]:
     return sorted({i for part in gather_objects(accelerator, items) for i in part})
 
 
+def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (any number each, the same trailing shape and dtype), concatenated in rank
+    order, on every rank: one all-gather of the rows padded to the longest rank's count."""
+    if accelerator.num_processes == 1:
+        return rows
+    counts = gather_objects(accelerator, len(rows))
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
 def reduce_sum(accelerator, values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each tensor summed over ranks (in float64, in one collective), returned on the CPU."""
     flat = torch.cat([v.reshape(-1).to(accelerator.device, torch.float64) for v in values])

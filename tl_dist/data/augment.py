@@ -69,9 +69,15 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def fixed_train_transform(cfg: DataConfig) -> bool:
+    """data.augment=none without random erasing: a training image comes out the same in every epoch
+    (the eval transform), so it can be kept finished, and so can the frozen backbone's output for it."""
+    return cfg.augment == "none" and cfg.random_erasing == 0
+
+
 def host_only(cfg: DataConfig) -> str | None:
     """The augmentation keys the device path does not run, or None."""
-    keys = ([f"data.augment={cfg.augment}"] if cfg.augment != "seed" else []) + \
+    keys = ([f"data.augment={cfg.augment}"] if cfg.augment not in ("seed", "none") else []) + \
         ([f"data.random_erasing={cfg.random_erasing}"] if cfg.random_erasing > 0 else [])
     return ", ".join(keys) or None
 
@@ -98,7 +104,7 @@ _AUTOAUGMENT_IMAGENET = tv_auto.AutoAugment(tv_auto.AutoAugmentPolicy.IMAGENET).
 def policy_ops(rng: random.Random, policy: str, size: int) -> list[tuple[str, float]]:
     """The (operation, magnitude) list torchvision's policy would apply, drawn from ``rng``: its
     operation tables and magnitude bins, its choice rules."""
-    if policy == "seed":
+    if policy in ("seed", "none"):
         return []
     space = _space(policy, size)
     if policy == "trivialaugment":
@@ -135,14 +141,18 @@ def erase_box(rng: random.Random, height: int, width: int) -> Box | None:
 
 def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig) -> torch.Tensor:
     """The tutorial's RandomResizedCrop + RandomHorizontalFlip, then data.augment's policy and
-    data.random_erasing, as uint8 CHW (ToTensor/Normalize on device). Draws in that order."""
-    (i, j, h, w), flip = train_draws(rng, img.width, img.height, cfg)
-    out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
-                         interpolation=InterpolationMode(cfg.interpolation), antialias=True)
-    out = F.hflip(out) if flip else out
-    for name, magnitude in policy_ops(rng, cfg.augment, cfg.image_size):
-        out = tv_auto._apply_op(out, name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
-    x = to_uint8_chw(out)
+    data.random_erasing, as uint8 CHW (ToTensor/Normalize on device). Draws in that order.
+    data.augment=none: the eval transform instead of the crop, flip and policy (erasing still applies)."""
+    if cfg.augment == "none":
+        x = eval_transform(img, cfg.resize_size, cfg.image_size, cfg.interpolation)
+    else:
+        (i, j, h, w), flip = train_draws(rng, img.width, img.height, cfg)
+        out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
+                             interpolation=InterpolationMode(cfg.interpolation), antialias=True)
+        out = F.hflip(out) if flip else out
+        for name, magnitude in policy_ops(rng, cfg.augment, cfg.image_size):
+            out = tv_auto._apply_op(out, name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        x = to_uint8_chw(out)
     if cfg.random_erasing > 0 and rng.random() < cfg.random_erasing:
         box = erase_box(rng, cfg.image_size, cfg.image_size)
         if box is not None:  # the mean colour: 0 after Normalize, as torchvision's value=0 there

@@ -3,7 +3,7 @@
 With the images on the GPU the CPU loader is out of the way: per step the host draws the crop boxes
 and flips (the same draws as the PIL path, from (seed, epoch, index)), and the device crops,
 resizes (bilinear or bicubic, antialiased, like PIL) and flips. The val set's finished crops sit
-there too. Works on any device; on a CPU it is only useful for testing this path. The first batch
+there too (and the train set's, when its transform is fixed: data.augment=none). Works on any device; on a CPU it is only useful for testing this path. The first batch
 is checked against the PIL path (``disagreement``); a CUDA error here names data.cache.
 """
 from __future__ import annotations
@@ -129,8 +129,9 @@ def disagreement(loader: DeviceTrainLoader, pil_item: Callable[[tuple[int, int, 
     return None
 
 
-class DeviceEvalLoader:
-    """Finished val crops in one device tensor, sliced by the rank's EvalBatchSampler."""
+class DeviceCropLoader:
+    """Finished crops (val; train with a fixed transform) in one device tensor, sliced by the rank's
+    batch sampler. A sample's weight is its key's (0 for padding), and 0 where it failed to decode."""
 
     def __init__(self, crops: torch.Tensor, labels: list, ok: list[bool], sampler: BatchSampler, num_classes: int = 0):
         self.crops, self.sampler = crops, sampler
@@ -143,7 +144,8 @@ class DeviceEvalLoader:
         for keys in self.sampler:
             ids = torch.tensor([k[0] for k in keys])
             ok = self.ok[ids]
-            yield (self.crops[ids.to(self.crops.device, non_blocking=True)], self.labels[ids], ok.to(torch.float64),
+            w = torch.tensor([k[2] for k in keys], dtype=torch.float64) * ok
+            yield (self.crops[ids.to(self.crops.device, non_blocking=True)], self.labels[ids], w,
                    torch.where(ok, ids, -1 - ids))
 
 
@@ -162,11 +164,11 @@ def train_loader(decode: Callable[[int], Image.Image], labels: list, sampler: Ba
     return DeviceTrainLoader(images, labels, sampler, cfg, seed, device, num_classes)
 
 
-def eval_loader(crops: dict[int, torch.Tensor], labels: list, sampler: BatchSampler, image_size: int,
-                device: torch.device, num_classes: int = 0) -> DeviceEvalLoader:
-    """The finished val crops (index -> uint8 CHW; a missing index failed to decode) in one device tensor."""
+def crop_loader(crops: dict[int, torch.Tensor], labels: list, sampler: BatchSampler, image_size: int,
+                device: torch.device, num_classes: int = 0) -> DeviceCropLoader:
+    """The finished crops (index -> uint8 CHW; a missing index failed to decode) in one device tensor."""
     ok = [i in crops for i in range(len(labels))]
     blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
     with device_errors("filling the device cache"):
         stacked = torch.stack([crops.pop(i) if ok[i] else blank for i in range(len(labels))]).to(device)
-    return DeviceEvalLoader(stacked, labels, ok, sampler, num_classes)
+    return DeviceCropLoader(stacked, labels, ok, sampler, num_classes)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tl_dist.data.augment import eval_transform, host_only, sample_rng, train_transform
+from tl_dist.data.augment import eval_transform, fixed_train_transform, host_only, sample_rng, train_transform
 from tl_dist.config import DataConfig
 from tl_dist.data import device_cache, targets
 from tl_dist.data.images import BadImage, load_rgb
@@ -49,12 +49,17 @@ class ImageDataset(Dataset):
         hit = self.cache.get(index)
         return hit if hit is not None else load_rgb(self.samples[index][0])
 
+    @property
+    def fixed(self) -> bool:
+        """Each image comes out the same in every epoch: val, and train with data.augment=none."""
+        return not self.train or fixed_train_transform(self.cfg)
+
     def transformed(self, index: int, epoch: int) -> torch.Tensor:
+        hit = self.cache.get(index)
+        if isinstance(hit, torch.Tensor):  # a fixed transform: cached fully done
+            return hit
         if self.train:
             return train_transform(self._decoded(index), sample_rng(self.seed, epoch, index), self.cfg)
-        hit = self.cache.get(index)
-        if isinstance(hit, torch.Tensor):  # the val transform is deterministic: cached fully done
-            return hit
         return eval_transform(self._decoded(index), self.cfg.resize_size, self.cfg.image_size, self.cfg.interpolation)
 
     def __getitem__(self, key: tuple[int, int, float]):
@@ -75,8 +80,8 @@ def decoded_bytes(sizes: list[tuple[int, int]]) -> int:
 def fill_cache(ds: ImageDataset, indices: list[int], threads: int) -> dict[int, object]:
     """Decode once, in parallel (Pillow releases the GIL while decoding)."""
     def one(i: int):
-        try:  # train: the decoded image (crops differ every epoch); val: the finished crop
-            return i, ds._decoded(i) if ds.train else ds.transformed(i, 0)
+        try:  # train: the decoded image (crops differ every epoch); a fixed transform: the finished crop
+            return i, ds.transformed(i, 0) if ds.fixed else ds._decoded(i)
         except BadImage:
             return i, None  # left out of the cache; the loader reports it when it is drawn
 
@@ -99,9 +104,15 @@ class Data:
     def describe(self, device) -> str:
         """The data path in a few words, for logs and benchmark tables."""
         if self.cache == "device":
+            if self.train.fixed:
+                return f"finished crops (data.augment=none) kept in {device.type} memory"
             return f"decoded once, kept in {device.type} memory; crop/resize/flip on {device.type} in batches"
-        source = "decoded once, kept in RAM" if self.cache == "ram" else "image files decoded every epoch"
-        return f"{source}; PIL augment, {self.workers} loader worker(s); normalise on {device.type}"
+        if self.cache == "ram":
+            source = "finished crops (data.augment=none) kept in RAM" if self.train.fixed else "decoded once, kept in RAM"
+        else:
+            source = "image files decoded every epoch"
+        augment = "" if self.train.fixed else "PIL augment, "
+        return f"{source}; {augment}{self.workers} loader worker(s); normalise on {device.type}"
 
 
 def _loader(ds: ImageDataset, sampler, workers: int, pin: bool) -> DataLoader:
@@ -120,7 +131,9 @@ def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, 
     known = [sizes[p] for p, _ in train if p in sizes] if sizes else []
     if not known:
         return "none"
-    need = decoded_bytes(known) * len(train) / len(known) + len(val) * 3 * cfg.image_size ** 2
+    crop = 3 * cfg.image_size ** 2  # a finished crop (val; train with a fixed transform)
+    train_need = len(train) * crop if fixed_train_transform(cfg) else decoded_bytes(known) * len(train) / len(known)
+    need = train_need + len(val) * crop
     if device.type == "cuda":
         # By default half the GPU's memory (the other half for the model's training): an H200
         # holds 64,000 decoded photo-sized images (0.7 MB each: 45 GB), a 24 GB card 8,000.
@@ -151,6 +164,14 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed,
                                 balanced_labels=[y for _, y in train] if cfg.sampler == "balanced" else None)
     eval_sampler = EvalBatchSampler(len(val), eval_batch_size(cfg.eval_batch_size, cfg.batch_size), world, rank)
+    if place == "device" and fixed_train_transform(cfg):  # finished crops, as val's: nothing to augment
+        train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
+        return Data(classes, train_ds, val_ds,
+                    device_cache.crop_loader(train_ds.cache, [label for _, label in train], sampler, cfg.image_size,
+                                             device, len(classes)),
+                    device_cache.crop_loader(val_ds.cache, [label for _, label in val], eval_sampler, cfg.image_size,
+                                             device, len(classes)),
+                    sampler, place, 0)
     if place == "device":
         train_labels, val_labels = [label for _, label in train], [label for _, label in val]
         train_loader = device_cache.train_loader(train_ds._decoded, train_labels, sampler, cfg, seed, device, threads,
@@ -158,7 +179,7 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
         problem = device_cache.disagreement(train_loader, train_ds.__getitem__)
         if problem is None:
             return Data(classes, train_ds, val_ds, train_loader,
-                        device_cache.eval_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device,
+                        device_cache.crop_loader(val_ds.cache, val_labels, eval_sampler, cfg.image_size, device,
                                                  len(classes)),
                         sampler, place, 0)
         del train_loader

@@ -153,9 +153,12 @@ class EagerStep:
 
 def to_device(batch, device, ctx: StepSettings):
     """(x, y, w) on the device, and the batch's dataset indices as the loader gave them (host
-    memory; -1-i marks sample i that failed to decode: ``failed`` reads them once an epoch)."""
+    memory; -1-i marks sample i that failed to decode: ``failed`` reads them once an epoch).
+    Images come as uint8 and are normalised here; kept features (``feature_cache``) pass as they are."""
     x, y, w, idx = batch
-    x = normalize(x.to(device, non_blocking=True), ctx.mean, ctx.std, ctx.channels_last)
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = normalize(x, ctx.mean, ctx.std, ctx.channels_last)
     return x, y.to(device, non_blocking=True), w.to(device, torch.float32, non_blocking=True), idx
 
 

@@ -22,9 +22,10 @@ from tl_dist.distributed import (agree, check_same_data, make_accelerator, note_
 from tl_dist.errors import UserError, first_line, one_line
 from tl_dist.files import run_dir
 from tl_dist.models import backbones, heads, pretrained
-from tl_dist.training import host_memory, optim
+from tl_dist.training import feature_cache, host_memory, optim
 from tl_dist.training.cuda_graphs import GraphedStep, check_cuda_graphs
 from tl_dist.training.ema import EMA
+from tl_dist.training.feature_cache import FeatureCache
 from tl_dist.training.engine import EagerStep, HeadInputs, StepSettings, TrainStep
 from tl_dist.training.reporting import say, versions
 from tl_dist.training.run_state import (RunState, changes, data_fingerprint, model_identity, read_resume,
@@ -48,6 +49,7 @@ class Run:
     tracking: tracking.Tracking
     ema: EMA | None = None
     head_inputs: HeadInputs | None = None
+    features: FeatureCache | None = None  # the train set's, while the backbone is frozen (train.feature_cache)
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
@@ -55,7 +57,7 @@ class Run:
 
     def unfreeze(self, epoch: int) -> None:
         self.net = rewrap_unfrozen(self.accelerator, self.net)
-        self.head_inputs = None  # the backbone moves from now on: its outputs do too
+        self.head_inputs = self.features = None  # the backbone moves from now on: its outputs do too
         self.settings = dataclasses.replace(self.settings, frozen=False)
         self.log(f"epoch {epoch}: the backbone trains from now on "
                  f"(after model.unfreeze_epoch={self.cfg.model.unfreeze_epoch} frozen epochs)")
@@ -98,10 +100,12 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, listed.split, log) if main_proc else None)
     if main_proc:
         first_lines(cfg, accelerator, d, listed, meta, mp, start, log)
+    model = accelerator.unwrap_model(net)
     return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, len(d.train)), step, settings,
                state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start),
-               build_ema(cfg, accelerator.unwrap_model(net), state, log),
-               HeadInputs() if keeps_val_features(cfg, accelerator.unwrap_model(net), frozen, len(d.val)) else None)
+               build_ema(cfg, model, state, log),
+               HeadInputs() if keeps_val_features(cfg, model, frozen, len(d.val)) else None,
+               build_feature_cache(cfg, model, d, frozen, log))
 
 
 # ----------------------------------------------------------------------------- the builders
@@ -302,6 +306,20 @@ def keeps_val_features(cfg: Config, model: torch.nn.Module, frozen: bool, val_im
     feature_bytes = val_images * getattr(head, "in_features", 0) * 4
     return (frozen and cfg.model.frozen_bn == "eval" and isinstance(head, torch.nn.Linear)
             and feature_bytes <= cfg.data.cache_gb * 2**30)
+
+
+def build_feature_cache(cfg: Config, model: torch.nn.Module, d: loaders.Data, frozen: bool, log) -> FeatureCache | None:
+    """train.feature_cache for a run that starts frozen: kept train features where they are exact
+    and fit data.cache_gb; the first lines say which, and why not."""
+    if not frozen:
+        return None
+    why = feature_cache.why_off(cfg, model, len(d.train))
+    if why is not None:
+        log(f"feature cache off: {why}; the backbone runs on every train image every epoch")
+        return None
+    log("feature cache on: the first frozen epoch keeps each train image's backbone output; later frozen epochs "
+        "train the classifier on them (train.feature_cache=off runs the backbone every epoch)")
+    return FeatureCache([y for _, y in d.train.samples], len(d.classes))
 
 
 # ----------------------------------------------------------------------------- the run's first lines and files

@@ -98,8 +98,7 @@ def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWri
             run.unfreeze(epoch)
         lrs = run.schedule.start_epoch(epoch)
         d.train_sampler.set_epoch(epoch)
-        tr = train_one_epoch(accelerator, run.net, run.step, d.train_loader, d.train_sampler, run.settings, epoch,
-                             schedule=run.schedule, ema=run.ema, stop=stop, tracking=run.tracking)
+        tr = train_epoch(run, epoch, stop)
         if tr.stopped:
             interrupted = stop.signum or signal.SIGTERM
             break
@@ -119,6 +118,31 @@ def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWri
             interrupted = stop.signum or signal.SIGTERM
             break
     return finish(run, writer, interrupted, time.perf_counter() - t_run)
+
+
+def train_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochResult:
+    """One epoch's optimizer steps: on the train images, or (train.feature_cache) on the backbone
+    outputs the first frozen epoch kept, which it records for the epochs after it."""
+    d, features = run.data, run.features
+
+    def steps(loader) -> EpochResult:
+        return train_one_epoch(run.accelerator, run.net, run.step, loader, d.train_sampler, run.settings, epoch,
+                               schedule=run.schedule, ema=run.ema, stop=stop, tracking=run.tracking)
+
+    last_frozen = epoch + 1 >= run.cfg.train.epochs or not heads.frozen_at(run.cfg.model, epoch + 1)
+    if features is None or (not features.ready and last_frozen):  # (nothing to keep them for)
+        return steps(d.train_loader)
+    model = run.accelerator.unwrap_model(run.net)
+    if features.ready:
+        with features.head_only(model):
+            return steps(features.loader(d.train_sampler))
+    with features.recording(model, d.train_loader) as loader:
+        tr = steps(loader)
+    if not tr.stopped:  # (every rank stops at the same step: all record, or none)
+        features.collect(run.accelerator, len(d.train))
+        run.log(f"epoch {epoch}: kept the backbone's output for {len(d.train)} train images "
+                f"({features.nbytes() / 2**20:.1f} MiB); later frozen epochs train the classifier on them")
+    return tr
 
 
 def report_bad_images(cfg: Config, d: loaders.Data, tr: EpochResult, va: EpochResult, epoch: int, log) -> None:
