@@ -17,10 +17,14 @@ def test_defaults_are_the_seeds_values():
 
 
 def test_shipped_configs_load():
-    for name in ("finetune", "frozen", "frozen_then_finetune", "demo"):
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert {"finetune", "frozen", "frozen_then_finetune", "linear_probe", "recipe", "demo"} <= set(names)
+    for name in names:
         config.load(ROOT / "configs" / f"{name}.yaml")
     assert config.load(ROOT / "configs" / "frozen.yaml").model.mode == "frozen"
     assert config.load(ROOT / "configs" / "finetune.yaml").model.mode == "finetune"
+    probe = config.load(ROOT / "configs" / "linear_probe.yaml")
+    assert (probe.model.mode, probe.data.augment, probe.train.feature_cache) == ("frozen", "none", "auto")
 
 
 def test_overrides_typed_and_last_wins(tmp_path):
