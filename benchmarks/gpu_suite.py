@@ -223,11 +223,14 @@ def tutorial_workload(a: argparse.Namespace, epochs: int, report: Report) -> Non
                 ("batch 4, lr 0.001 (the tutorial's)", (), 60),
                 ("batch 4, whole step as a CUDA graph", ("train.cuda_graphs=true",), 60),
                 ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008"), 40),
-                ("batch 4, compiled, CUDA graphs", ("train.compile=true", "train.compile_mode=reduce-overhead"), 180))):
+                ("batch 4, compiled, CUDA graphs", ("train.compile=true", "train.compile_mode=reduce-overhead"), 180),
+                ("batch 4, data.augment=none: the features computed once", ("data.augment=none",), 20))):
             if (a.smoke or a.no_compile) and "train.compile=true" in over:
                 continue  # minutes of compiling (on a small CPU, many)
             if a.smoke and "train.cuda_graphs=true" in over:
                 continue  # needs CUDA
+            if mode == "finetune" and "data.augment=none" in over:
+                continue  # (the feature cache is for a frozen backbone)
             try:
                 r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
                             f"train.epochs={epochs}", *over, estimate=estimate * a.cost)
