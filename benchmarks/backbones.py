@@ -1,9 +1,10 @@
-"""What each backbone family costs and what tl_dist does with it: the table in docs/backbones.md.
+"""What each backbone family costs and what tl_dist does with it: the tables in docs/backbones.md.
 
-    PYTHONPATH=. python benchmarks/backbones.py [--archs resnet18,resnet50,...] [--batch 16] [--steps 3]
+    PYTHONPATH=. python benchmarks/backbones.py [--archs resnet18,resnet50,timm/convnext_atto,...] [--batch 16] [--steps 3]
 
-For each model (weights none: nothing is downloaded): its new head, what a frozen backbone fixes,
-its DEFAULT weights and their eval transform, its parameter count, and the images/s of a full
+For each model (weights none: nothing is downloaded; timm/<name> needs the [timm] extra): its new
+head, what a frozen backbone fixes, its default weights (torchvision's DEFAULT, or the timm tag)
+and their eval transform, its parameter count, and the images/s of a full
 train step (forward, backward, SGD) at the weights' input size on this machine's CPU, as tl_dist
 runs it (channels-last where it applies, bf16 autocast where the CPU runs it fast).
 """
@@ -18,11 +19,11 @@ import torch.nn as nn
 import torchvision
 
 from tl_dist import config
-from tl_dist.models import backbones, heads, pretrained
+from tl_dist.models import backbones, heads, pretrained, timm_zoo
 from tl_dist.distributed import resolve_mixed_precision
 
 ARCHS = "resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16,regnet_y_800mf,swin_t"
-STOCHASTIC_DEPTH = ("StochasticDepth",)
+STOCHASTIC_DEPTH = ("StochasticDepth", "DropPath")
 
 
 def frozen_fixes(m: nn.Module) -> str:
@@ -34,7 +35,8 @@ def frozen_fixes(m: nn.Module) -> str:
         what.append("LayerNorm (no stats)")
     if any(isinstance(x, nn.Dropout) and x.p > 0 for x in m.modules()):
         what.append("dropout")
-    if any(type(x).__name__ in STOCHASTIC_DEPTH and x.p > 0 for x in m.modules()):
+    if any(type(x).__name__ in STOCHASTIC_DEPTH and getattr(x, "p", getattr(x, "drop_prob", 0)) > 0
+           for x in m.modules()):
         what.append("stochastic depth")
     return ", ".join(what) or "nothing (no BN/dropout)"
 
@@ -76,15 +78,19 @@ def main() -> None:
     print("|---|---|---|---|---|---:|---:|")
     for arch in args.archs.split(","):
         mcfg = config.ModelConfig(arch=arch, weights="none")
-        ref = pretrained.reference_weights(mcfg)
-        tf = ref.transforms()
-        size = tf.crop_size[0]
+        size, resize, interpolation, _, _ = backbones.reference_transform(mcfg)
+        if timm_zoo.is_timm(arch):
+            from timm.models import get_pretrained_cfg
+            tag = get_pretrained_cfg(timm_zoo.name_of(arch))
+            weights = f"{tag.architecture}.{tag.tag}" if tag is not None else "-"
+        else:
+            weights = pretrained.reference_weights(mcfg).name
         torch.manual_seed(0)
         m = backbones.create(arch, 10, backbones.arch_kwargs(mcfg, size))
         params = sum(p.numel() for p in m.parameters())
         ips = images_per_second(m, size, args.batch, args.steps, bf16, backbones.uses_channels_last(mcfg))
-        print(f"| {arch} | `{heads.head_name(m)}` | {frozen_fixes(m)} | {ref.name} | resize {tf.resize_size[0]}, "
-              f"crop {size}, {tf.interpolation.value} | {params / 1e6:.1f} M | {ips:.1f} |", flush=True)
+        print(f"| {arch} | `{heads.head_name(m)}` | {frozen_fixes(m)} | {weights} | resize {resize}, "
+              f"crop {size}, {interpolation} | {params / 1e6:.1f} M | {ips:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

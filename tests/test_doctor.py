@@ -18,7 +18,7 @@ def test_doctor_on_this_machine_passes_what_it_can_and_says_why_it_skips_the_res
     assert list(rows) == [feature for feature, _, _ in doctor.CHECKS]
     assert all(c["status"] in ("PASS", "SKIPPED") and c["detail"] for c in rows.values())
     for feature in ("fp32 train + predict", "channels-last", "RAM image cache", "background checkpoint writer",
-                    "2-process group + rank check"):
+                    "2-process group + rank check", "timm backbone"):  # (timm: in the [dev] extra)
         assert rows[feature]["status"] == "PASS", rows[feature]
     if not env["gpus"]:  # this machine's case in CI: the GPU rows are skipped, saying why
         for feature in ("device cache + GPU augmentation", "CUDA graph replay"):
@@ -31,7 +31,7 @@ def test_a_failing_feature_is_a_fail_row_naming_the_key_that_avoids_it_and_exit_
     def broken(self):
         raise RuntimeError("decoded pixels differ")
     monkeypatch.setattr(doctor.SelfTest, "ram_cache", broken)
-    for method in ("fp32", "auto_precision", "channels_last", "two_processes"):  # (the real run is above)
+    for method in ("fp32", "auto_precision", "channels_last", "two_processes", "timm_backbone"):  # (run above)
         monkeypatch.setattr(doctor.SelfTest, method, lambda self: "ok")
     assert doctor.main([]) == 1
     out = capsys.readouterr().out

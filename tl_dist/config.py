@@ -87,7 +87,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = _key("resnet18", "any torchvision classification model (resnet50, efficientnet_b0, convnext_tiny, "
-                     "vit_b_16, ...: torchvision.models.list_models())")
+                     "vit_b_16, ...: torchvision.models.list_models()), or timm/<name>[.<tag>] for timm's (timm/"
+                     "convnext_atto, timm/resnet50.a1_in1k; pip install -e '.[timm]')")
     weights: str = _key("imagenet", "imagenet (the model's DEFAULT torchvision weights, downloaded once), a weights "
                         "name such as IMAGENET1K_V2, none, or a path to a .pth state dict or .safetensors")
     mode: str = _key("finetune", "finetune: every layer trains; frozen: only the new classifier; frozen_then_finetune: "
@@ -96,6 +97,11 @@ class ModelConfig:
     frozen_bn: str = _key("eval", "a frozen backbone in eval mode: BatchNorm statistics fixed, dropout and stochastic "
                           "depth off; train = the tutorial (BatchNorm statistics keep moving)", ("eval", "train"))
     channels_last: bool = _key(True, "channels-last memory format (faster convolutions; ViT and Swin ignore it)")
+    drop_rate: float | None = _key(None, "dropout before the classifier (timm's drop_rate; torchvision models with "
+                                   "a dropout argument: EfficientNet, MobileNetV3, ViT, ...); null = the model's own")
+    drop_path_rate: float | None = _key(None, "stochastic depth: the largest rate of dropping a residual block in "
+                                        "training (timm's drop_path_rate; torchvision's stochastic_depth_prob: "
+                                        "ConvNeXt, EfficientNet, Swin, MaxViT); null = the model's own")
 
 
 @dataclass
@@ -108,6 +114,9 @@ class OptimConfig:
     betas: list[float] = _key([0.9, 0.999], "AdamW betas")
     eps: float = _key(1e-8, "AdamW eps")
     weight_decay: float = _key(0.0, "weight decay (SGD: L2 in the gradient; AdamW: decoupled)")
+    layer_decay: float | None = _key(None, "layer-wise learning-rate decay (timm models): each block's rate is the "
+                                     "backbone's times layer_decay^(blocks between it and the classifier), e.g. "
+                                     "0.75; null = off")
     decay_bias_and_norm: bool = _key(True, "weight decay on 1-D parameters (biases, normalisation weights) too; "
                                      "false = only on weight matrices and kernels")
 
@@ -198,6 +207,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.eval_batch_size": (lambda v: v >= 0, "0 (auto) or a positive integer"),
     "data.num_workers": (lambda v: 0 <= v <= 256, "from 0 to 256"),
     "data.cache_gb": (lambda v: v >= 0, "0 or more"),
+    "model.drop_rate": (lambda v: v is None or 0 <= v < 1, "from 0 to below 1, or null"),
+    "model.drop_path_rate": (lambda v: v is None or 0 <= v < 1, "from 0 to below 1, or null"),
+    "optim.layer_decay": (lambda v: v is None or 0 < v <= 1, "above 0 and at most 1 (e.g. 0.75), or null"),
     "data.device_cache_gb": (lambda v: v is None or v >= 0, "0 or more, or null for half the GPU's memory"),
     "data.mean": (lambda v: v is None or len(v) == 3, "a list of 3 numbers"),
     "data.std": (lambda v: v is None or (len(v) == 3 and all(s > 0 for s in v)), "a list of 3 positive numbers"),

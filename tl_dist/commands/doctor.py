@@ -145,6 +145,22 @@ class SelfTest:
             raise RuntimeError(f"the predictor scores {acc:.4f} on val, the run {best['val_acc']:.4f}")
         return f"train, checkpoint, predict on {self.device.type}"
 
+    def timm_backbone(self) -> str:
+        import importlib.util
+
+        from tl_dist.predictor import Predictor
+
+        if importlib.util.find_spec("timm") is None:
+            raise Skip("timm is not installed (pip install -e '.[timm]' for model.arch=timm/<name>)")
+        out, _ = self.train("model.arch=timm/resnet18", "model.mode=frozen")
+        best = json.loads((out / "best.json").read_text())
+        paths = sorted((self.data / "val").rglob("*.jpg"))
+        p = Predictor.from_checkpoint(out, device="cpu")
+        acc = sum(r["label"] == x.parent.name for r, x in zip(p.predict([str(x) for x in paths]), paths)) / len(paths)
+        if acc != best["val_acc"]:
+            raise RuntimeError(f"the predictor scores {acc:.4f} on val, the run {best['val_acc']:.4f}")
+        return f"timm/resnet18 (timm {best['versions'].get('timm')}): train, checkpoint, predict"
+
     def auto_precision(self) -> str:
         from tl_dist.distributed import resolve_mixed_precision
 
@@ -316,6 +332,7 @@ CHECKS: list[tuple[str, str, str]] = [
     ("train step without host waits", "sync_free", "-"),
     ("background checkpoint writer", "background_writer", "-"),
     ("2-process group + rank check", "two_processes", "-"),
+    ("timm backbone", "timm_backbone", "-"),
 ]
 
 

@@ -91,7 +91,12 @@ _HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,7}
 
 
 # The only constructor arguments a checkpoint may pass on to torchvision (see model.arch_kwargs).
-_ARCH_KWARGS = {"aux_logits": bool, "transform_input": bool, "init_weights": bool, "image_size": int, "input_size": list}
+_ARCH_KWARGS = {"aux_logits": bool, "transform_input": bool, "init_weights": bool, "image_size": int, "input_size": list,
+                "img_size": int, "drop_rate": float, "drop_path_rate": float, "dropout": float,
+                "stochastic_depth_prob": float}
+
+# A timm model's name as model.arch holds it: timm/<name>[.<tag>] (built only where timm knows it).
+_TIMM_ARCH = re.compile(r"timm/[a-z0-9_]{1,100}(\.[A-Za-z0-9_]{1,100})?")
 
 
 def head_of(meta: dict[str, Any]) -> Any:
@@ -106,6 +111,8 @@ def _arch_kwargs_ok(kw: Any) -> bool:
         if _ARCH_KWARGS[k] is bool and not isinstance(v, bool):
             return False
         if _ARCH_KWARGS[k] is int and not _size(v):
+            return False
+        if _ARCH_KWARGS[k] is float and not (_number(v) and 0 <= v < 1):
             return False
         if _ARCH_KWARGS[k] is list and not (isinstance(v, list) and len(v) == 2 and all(map(_size, v))):
             return False
@@ -133,7 +140,8 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
         ("num_classes", isinstance(classes, list) and meta.get("num_classes") == len(classes)
          and not isinstance(meta.get("num_classes"), bool), "the number of classes"),
         ("arch", isinstance(meta.get("arch"), str)
-         and meta["arch"] in torchvision.models.list_models(module=torchvision.models), "a torchvision model name"),
+         and (meta["arch"] in torchvision.models.list_models(module=torchvision.models)
+              or _TIMM_ARCH.fullmatch(meta["arch"]) is not None), "a torchvision model name or timm/<name>"),
         ("head", isinstance(head_of(meta), str) and _HEAD_NAME.fullmatch(head_of(meta)) is not None,
          "a module name such as fc or classifier.1"),
         ("arch_kwargs", _arch_kwargs_ok(meta.get("arch_kwargs", {})), "constructor arguments tl_dist writes"),

@@ -12,9 +12,16 @@ from tl_dist.errors import UserError
 
 
 def head_name(model: nn.Module) -> str:
-    """The classifier transfer learning replaces: the model's last Linear or Conv2d (ResNet ``fc``,
+    """The classifier transfer learning replaces: what a timm model's ``get_classifier()`` returns
+    (ConvNeXt ``head.fc``, ViT ``head``), else the model's last Linear or Conv2d (ResNet ``fc``,
     EfficientNet ``classifier.1``, ViT ``heads.head``, Swin ``head``, SqueezeNet's 1x1 conv
     ``classifier.1``, ...). The one place that decides it."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        classifier = get()
+        found = [n for n, m in model.named_modules() if m is classifier and isinstance(m, (nn.Linear, nn.Conv2d))]
+        if found:
+            return found[0]
     name = None
     for n, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tl_dist.config import ModelConfig
 from tl_dist.errors import UserError, first_line
 from tl_dist.models.heads import head_name, in_head
+from tl_dist.models.timm_zoo import is_timm
 
 
 _WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
@@ -25,8 +26,8 @@ _WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 def torchvision_weights(cfg: ModelConfig):
     """The torchvision weights entry model.weights names (imagenet = the model's DEFAULT), or None
-    for none or a file."""
-    if cfg.weights == "none":
+    for none or a file (and for timm models, whose weights come through timm)."""
+    if cfg.weights == "none" or is_timm(cfg.arch):
         return None
     enum = torchvision.models.get_model_weights(cfg.arch)
     if cfg.weights == "imagenet":

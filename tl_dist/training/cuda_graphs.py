@@ -65,7 +65,15 @@ def random_layers(cfg: Config) -> list[tuple[str, torch.nn.Module]]:
     head = heads.head_name(net)
     whole = cfg.model.mode != "frozen" or cfg.model.frozen_bn == "train"
     return [(n, m) for n, m in net.named_modules()
-            if isinstance(m, RANDOM_LAYERS) and m.p > 0 and (whole or n == head or heads.in_head(n, head))]
+            if draws(m) and (whole or n == head or heads.in_head(n, head))]
+
+
+def draws(m: torch.nn.Module) -> bool:
+    """Whether the layer draws random numbers in train mode: dropout, stochastic depth (torchvision's,
+    or timm's DropPath)."""
+    if isinstance(m, RANDOM_LAYERS):
+        return m.p > 0
+    return type(m).__name__ == "DropPath" and getattr(m, "drop_prob", 0) > 0
 
 
 class GraphedStep:

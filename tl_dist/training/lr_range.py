@@ -92,7 +92,8 @@ def _sweep(cfg, net, optimizer, d, settings, dtype, start_lr: float, end_lr: flo
     from tl_dist.training import optim
     from tl_dist.training.engine import to_device, train_loss
 
-    parts, base, device = optim.group_parts(cfg), optim.base_lrs(cfg), next(net.parameters()).device
+    parts = optim.group_parts(cfg, len(optimizer.param_groups))
+    base, device = optim.base_lrs(cfg), next(net.parameters()).device
     lrs, losses, smoothed = [], [], []
     avg, best, diverged, epoch = 0.0, math.inf, False, 0
     while len(lrs) < steps and not diverged:
@@ -101,7 +102,7 @@ def _sweep(cfg, net, optimizer, d, settings, dtype, start_lr: float, end_lr: flo
             i = len(lrs)
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             for g, part in zip(optimizer.param_groups, parts):
-                g["lr"] = lr * base[part] / base[0]
+                g["lr"] = lr * base[part] / base[0] * g.get("lr_scale", 1.0)
             x, y, w, _ = to_device(batch, device, settings)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = net(x)

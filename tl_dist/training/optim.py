@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from tl_dist.models import heads
+from tl_dist.models import heads, timm_zoo
 from tl_dist.config import Config, SchedulerConfig
 
 
@@ -59,17 +59,19 @@ def varies_within_epoch(cfg: Config) -> bool:
 
 
 def set_lrs(optimizer: torch.optim.Optimizer, cfg: Config, epoch: int, t: float | None = None) -> list[float]:
-    """Put the learning rates at position ``t`` into the optimizer's groups; returns [head, backbone]."""
+    """Put the learning rates at position ``t`` into the optimizer's groups (a group's ``lr_scale``:
+    its block's optim.layer_decay factor); returns [head, backbone]."""
     lrs = lrs_at(cfg, epoch, t)
-    for g, part in zip(optimizer.param_groups, group_parts(cfg)):
-        g["lr"] = lrs[part]
+    for g, part in zip(optimizer.param_groups, group_parts(cfg, len(optimizer.param_groups))):
+        g["lr"] = lrs[part] * g.get("lr_scale", 1.0)
     return lrs
 
 
-def group_parts(cfg: Config) -> list[int]:
-    """Which part (0 head, 1 backbone) each optimizer group belongs to, in build_optimizer's order."""
-    parts = [0] if cfg.model.mode == "frozen" else [0, 1]
-    return parts if cfg.optim.decay_bias_and_norm else [p for p in parts for _ in (0, 1)]
+def group_parts(cfg: Config, groups: int) -> list[int]:
+    """Which part (0 head, 1 backbone) each of the optimizer's ``groups`` belongs to, in
+    build_optimizer's order: the head's group (or two), then the backbone's."""
+    head = 1 if cfg.optim.decay_bias_and_norm else 2
+    return [0] * head + [1] * (groups - head)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -82,19 +84,37 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     """
     o = cfg.optim
     head, backbone = heads.head_and_backbone(model)
-    parts = [head] + ([backbone] if cfg.model.mode != "frozen" else [])
+    parts = [[(head, 1.0)]]
+    if cfg.model.mode != "frozen":
+        parts.append(layer_groups(model, cfg, backbone) if o.layer_decay is not None else [(backbone, 1.0)])
     groups = []
-    for params, lr in zip(parts, base_lrs(cfg)):
-        if o.decay_bias_and_norm:
-            groups.append({"params": params, "lr": lr, "weight_decay": o.weight_decay})
-        else:
-            groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": o.weight_decay})
-            groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
+    for blocks, lr in zip(parts, base_lrs(cfg)):
+        for params, scale in blocks:
+            rate = {"lr": lr * scale, **({"lr_scale": scale} if o.layer_decay is not None else {})}
+            if o.decay_bias_and_norm:
+                groups.append({"params": params, **rate, "weight_decay": o.weight_decay})
+            else:
+                groups.append({"params": [p for p in params if p.ndim > 1], **rate, "weight_decay": o.weight_decay})
+                groups.append({"params": [p for p in params if p.ndim <= 1], **rate, "weight_decay": 0.0})
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                  foreach=True)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                            weight_decay=o.weight_decay, foreach=True)
+
+
+def layer_groups(model: torch.nn.Module, cfg: Config, backbone: list[torch.nn.Parameter]
+                 ) -> list[tuple[list[torch.nn.Parameter], float]]:
+    """optim.layer_decay: the backbone's parameters by block, stem first, each with its factor
+    ``layer_decay ** (classifier's block - its block)``: timm's layer-wise decay (BEiT's), from the
+    model's own block map. The classifier's block has factor 1; it is the head's group."""
+    ids = timm_zoo.layer_ids(model, cfg.model.arch)
+    top = max(ids.values())
+    names = {id(p): n for n, p in model.named_parameters()}
+    blocks: dict[int, list[torch.nn.Parameter]] = {}
+    for p in backbone:
+        blocks.setdefault(ids.get(names[id(p)], top), []).append(p)
+    return [(blocks[b], cfg.optim.layer_decay ** (top - b)) for b in sorted(blocks)]
 
 
 def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 import resource
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -19,8 +19,14 @@ from tl_dist.training.run_state import RunState
 
 
 def versions() -> dict[str, str]:
-    return {"tl_dist": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "accelerate": version("accelerate"), "python": platform.python_version()}
+    """The libraries a run's results depend on (timm where it is installed: model.arch=timm/...)."""
+    found = {"tl_dist": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+             "accelerate": version("accelerate"), "python": platform.python_version()}
+    try:
+        found["timm"] = version("timm")
+    except PackageNotFoundError:
+        pass
+    return found
 
 
 def say(msg: str) -> None:
