@@ -57,3 +57,4 @@ def test_demo_config_pointed_at_a_real_data_set_refuses_and_keeps_it(tmp_path):
     assert r.stderr.count("\n") == 1 and str(user) in r.stderr and "data.demo=false" in r.stderr
     assert (user / "val" / "dogs" / "rex.jpg").read_bytes() == b"precious"
     assert [p.name for p in user.iterdir()] == ["val"]
+    assert "generating" not in r.stdout and not (tmp_path / "out").exists()  # refused: nothing said, no run left

@@ -38,6 +38,21 @@ def test_metrics_agree_with_a_hand_computation():
     assert m["ece"] == pytest.approx(0.275, abs=1e-6)
     assert m["loss"] == pytest.approx(-(5 * math.log(0.9) + 3 * math.log(0.05)) / 8, rel=1e-5)
     assert m["top3_accuracy"] == 1.0  # (top-k: k = min(5, classes))
+    # fastai's most_confused: off-diagonal pairs, most images first, ties in class order
+    assert m["most_confused"] == [{"true": "b", "predicted": "c", "count": 2},
+                                  {"true": "a", "predicted": "b", "count": 1}]
+
+
+def test_most_confused_orders_pairs_and_the_training_summary_names_them(tiny_data, tmp_path, capsys):
+    from tl_dist.metrics import confused_line, most_confused
+    c = torch.tensor([[5, 2, 0], [3, 4, 1], [0, 2, 6]])
+    pairs = most_confused(c, ["a", "b", "c"], most=3)
+    assert confused_line(pairs) == "b -> a 3, a -> b 2, c -> b 2" and most_confused(torch.eye(2), ["a", "b"]) == []
+    assert _run(tmp_path / "run", tiny_data, "train.epochs=1") == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("most confused at epoch 0"))
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    wrong = round((1 - best["val_acc"]) * 13)  # every val mistake is in some pair
+    assert sum(int(x.rsplit(" ", 1)[1]) for x in line.split(": ", 1)[1].split(", ") if "->" in x) == wrong
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +96,9 @@ def test_bad_input_is_one_line(trained, tmp_path):
                 "--skip-bad-images", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["n"] == 3  # a subset of the classes is fine
+    r = run_cli("-m", "tl_dist", "evaluate", str(data), "--checkpoint", str(run), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # a root with train/ and val/, no test/
+    assert "looks like a data root with no test/ split: pass --split val to measure its val images" in r.stderr
 
 
 @pytest.mark.multiproc

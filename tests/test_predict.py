@@ -30,6 +30,44 @@ def test_json_output_fields(run_dir, tiny_data):
         assert abs(sum(t["prob"] for t in row["topk"]) - 1) < 1e-4
 
 
+def test_csv_tta_and_the_per_class_count(run_dir, tiny_data, tmp_path):
+    import csv
+    import io
+
+    from tl_dist.commands import evaluate
+    from tl_dist.predictor import Predictor
+
+    (tmp_path / "text.jpg").write_text("nope")
+    r = run_cli("-m", "tl_dist.predict", str(tiny_data / "val"), str(tmp_path / "text.jpg"), "--checkpoint",
+                str(run_dir), "--format", "csv", "--topk", "2")
+    assert r.returncode == 1 and r.stderr == "", r.stderr  # (a failed image is a row with its error)
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert list(rows[0]) == ["path", "label", "prob", "top1_label", "top1_prob", "top2_label", "top2_prob", "labels",
+                             "error"]
+    assert len(rows) == 14 and rows[-1]["error"].startswith(str(tmp_path / "text.jpg")) and rows[-1]["label"] == ""
+    jsonl = run_cli("-m", "tl_dist.predict", str(tiny_data / "val"), "--checkpoint", str(run_dir), "--json", "--topk",
+                    "2")
+    for row, j in zip(rows, map(json.loads, jsonl.stdout.splitlines())):
+        assert (row["path"], row["label"], row["top2_label"]) == (j["path"], j["label"], j["topk"][1]["label"])
+        assert abs(float(row["prob"]) - j["prob"]) < 1e-6
+    table = run_cli("-m", "tl_dist.predict", str(tiny_data / "val"), "--checkpoint", str(run_dir))
+    counts = {}
+    for j in map(json.loads, jsonl.stdout.splitlines()):
+        counts[j["label"]] = counts.get(j["label"], 0) + 1
+    assert table.stdout.strip().splitlines()[-1].startswith("predicted for 13 image(s): ")
+    assert all(f"{c} {n}" in table.stdout.strip().splitlines()[-1] for c, n in counts.items())
+    # --tta flip scores the same mean logits as tl-dist evaluate --tta flip
+    paths = sorted(str(p) for p in (tiny_data / "val").rglob("*.jpg"))
+    p = Predictor.from_checkpoint(run_dir, device="cpu")
+    flipped = p.predict(paths, tta=True)
+    m = evaluate._evaluate(__import__("argparse").Namespace(
+        data_dir=str(tiny_data), checkpoint=str(run_dir), split="val", out=str(tmp_path / "ev"), force=False,
+        trust_code=False, json=False, tta="flip", thresholds=None, tune_thresholds=False, batch_size=None,
+        skip_bad_images=False, device="cpu"), quiet=True)
+    right = sum(r["label"] == r["path"].split("/")[-2] for r in flipped) / len(paths)
+    assert right == m["tta_flip"]["accuracy"]
+
+
 def test_mixed_good_and_bad_files(run_dir, tiny_data, tmp_path):
     good = next((tiny_data / "val" / "ants").iterdir())
     (tmp_path / "text.jpg").write_text("nope")

@@ -235,6 +235,7 @@ def test_early_stopping_stops_and_stays_stopped(tiny_data, tmp_path, capsys):
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "complete"
     assert train_in_process(tmp_path, tiny_data, *over) == 0  # the same command again: nothing more to do
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "is complete: stopped early after epoch 1 (train.early_stopping_patience=1)" in capsys.readouterr().out
 
 
 def _cmd(data_dir, out, epochs):

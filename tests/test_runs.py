@@ -14,10 +14,18 @@ def test_runs_lists_complete_and_failed_runs_and_a_refused_start_changes_nothing
     assert _run(root / "nan" / "deep", tiny_data, "train.epochs=3", "optim.lr=1e30") == 2
     # A second start into the finished run is refused before it begins: its account stays as it was.
     assert _run(root / "good", tiny_data, "train.epochs=2", "train.resume=none") == 2
+    # A fresh run refused in its set-up (bad data, missing weights) leaves no run behind to list: the
+    # folder it made goes; a folder that was there stays, without this run's files.
+    assert _run(root / "refused", tmp_path / "no_data") == 2
+    assert _run(root / "missing_weights", tiny_data, f"model.weights={tmp_path / 'none.safetensors'}") == 2
+    (root / "was_there").mkdir()
+    assert _run(root / "was_there", tmp_path / "no_data") == 2
+    assert not (root / "refused").exists() and not (root / "missing_weights").exists()
+    assert list((root / "was_there").iterdir()) == []
     r = run_cli("-m", "tl_dist", "runs", str(root), "--json")
     assert r.returncode == 0, r.stderr
     rows = {x["name"]: x for x in map(json.loads, r.stdout.splitlines())}
-    assert set(rows) == {"good", "nan/deep"}
+    assert set(rows) == {"good", "nan/deep"}  # (was_there: no run in it)
     good, nan = rows["good"], rows["nan/deep"]
     best = json.loads((root / "good" / "best.json").read_text())
     assert (good["arch"], good["mode"], good["epochs_done"], good["epochs_planned"]) == ("resnet18", "finetune", 2, 2)
@@ -26,6 +34,9 @@ def test_runs_lists_complete_and_failed_runs_and_a_refused_start_changes_nothing
     assert nan["status"].startswith("failed: train: the train loss became") and nan["epochs_done"] == 0
     table = run_cli("-m", "tl_dist", "runs", str(root))
     assert table.returncode == 0 and "complete" in table.stdout and "nan/deep" in table.stdout
+    line = next(l for l in table.stdout.splitlines() if "nan/deep" in l)  # one line per run, the reason cut
+    assert "failed: train: the train loss" in line and "…" in line and "--json has it in full" in table.stdout
+    assert table.stdout.count("the train loss became") == 1
 
 
 def test_runs_on_a_missing_folder_is_one_line():

@@ -101,6 +101,21 @@ def test_failed_checkpoint_write_stops_the_run_and_loses_no_epoch(tiny_data, tmp
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_a_finished_run_started_again_says_so_and_writes_nothing(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, tiny_data, "train.epochs=1") == 0
+    capsys.readouterr()
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.name != "status.json"}
+    assert _run(out, tiny_data, "train.epochs=1") == 0
+    said = capsys.readouterr().out
+    assert f"{out} is complete: all 1 epochs done; best val acc" in said and "Nothing to do" in said
+    assert "resuming" not in said and "epoch 0 (1 of 1)" not in said
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.name != "status.json"} == before
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    assert _run(out, tiny_data, "train.epochs=2") == 0  # more epochs: it continues
+    assert "resuming" in capsys.readouterr().out
+
+
 def test_frozen_backbone_and_bn_buffers_bit_identical(tiny_data, tmp_path):
     init = backbones.create("resnet18", 1000).state_dict()
     save_file(init, str(tmp_path / "init.safetensors"))

@@ -180,6 +180,11 @@ class TrainConfig:
                              "bound by kernel launches", ("default", "reduce-overhead", "max-autotune"))
     cuda_graphs: bool = _key(False, "replay the whole train step (forward, backward, SGD) as one CUDA graph: small "
                              "batches on one GPU; needs grad_accum_steps 1 and mixed_precision bf16 or no")
+    limit_train_batches: float | None = _key(None, "a quick trial: train on the first N global batches of each "
+                                             "epoch (a count, or a fraction of the epoch's batches below 1); the run's "
+                                             "files say it was limited; null = every batch")
+    limit_val_batches: float | None = _key(None, "a quick trial: evaluate the first N val batches of "
+                                           "data.eval_batch_size (a count, or a fraction below 1); null = all")
     feature_cache: str = _key("auto", "a frozen backbone with a deterministic train transform (data.augment=none): "
                               "keep each train image's backbone output from the first epoch and train only the "
                               "head on them afterwards, within data.cache_gb; auto = whenever that is exact, off = "
@@ -209,6 +214,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.cache_gb": (lambda v: v >= 0, "0 or more"),
     "model.drop_rate": (lambda v: v is None or 0 <= v < 1, "from 0 to below 1, or null"),
     "model.drop_path_rate": (lambda v: v is None or 0 <= v < 1, "from 0 to below 1, or null"),
+    "train.limit_train_batches": (lambda v: v is None or 0 < v < 1 or (v >= 1 and v == int(v)),
+                                  "a whole number of batches (1 or more), a fraction between 0 and 1, or null"),
+    "train.limit_val_batches": (lambda v: v is None or 0 < v < 1 or (v >= 1 and v == int(v)),
+                                "a whole number of batches (1 or more), a fraction between 0 and 1, or null"),
     "optim.layer_decay": (lambda v: v is None or 0 < v <= 1, "above 0 and at most 1 (e.g. 0.75), or null"),
     "data.device_cache_gb": (lambda v: v is None or v >= 0, "0 or more, or null for half the GPU's memory"),
     "data.mean": (lambda v: v is None or len(v) == 3, "a list of 3 numbers"),
@@ -460,15 +469,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file, then ``section.key=value`` overrides (the last one wins)."""
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), source: str = "command line") -> Config:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (the last one wins);
+    ``source`` names where the overrides came from in messages."""
     cfg = Config()
     if path is not None:
         _apply_mapping(cfg, read_yaml(path), str(path))
     for item in overrides:
         key, value = parse_override(item)
-        set_key(cfg, key, value, "command line")
-    validate(cfg, f"{path} and the command line" if path is not None and overrides else str(path or "command line"))
+        set_key(cfg, key, value, source)
+    validate(cfg, f"{path} and the {source}" if path is not None and overrides else str(path or source))
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""Multi-label metrics, from every sample's per-class probabilities and multi-hot truth.
+"""Multi-label metrics, from every sample's per-class probabilities and multi-hot truth; and the
+most confused pairs of a confusion matrix.
 
 One implementation for the epoch's val numbers and ``tl-dist evaluate``. Computed on the whole val
 set at once (the ranks' scores gathered first), so a distributed run reports the one-process numbers,
@@ -78,3 +79,16 @@ def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: floa
         below = float(s[i + 1]) if i + 1 < len(s) else 0.0
         out.append(min(max((float(s[i]) + below) / 2, 1e-6), 1 - 1e-6))
     return out
+
+
+def most_confused(confusion, classes: list[str], most: int = 10) -> list[dict]:
+    """fastai's ``most_confused``: the (true, predicted) pairs of different classes the model mixed
+    up, most often first (ties in class order), as dicts {true, predicted, count}; at most ``most``."""
+    c = torch.as_tensor(confusion).long()
+    pairs = [(-int(c[t, p]), t, p) for t in range(len(classes)) for p in range(len(classes)) if t != p and c[t, p] > 0]
+    return [{"true": classes[t], "predicted": classes[p], "count": -n} for n, t, p in sorted(pairs)[:most]]
+
+
+def confused_line(pairs: list[dict]) -> str:
+    """The pairs in one line, for the console: ``ants -> bees 3, bees -> ants 1``."""
+    return ", ".join(f"{p['true']} -> {p['predicted']} {p['count']}" for p in pairs) or "none"

@@ -99,13 +99,25 @@ class Predictor:
         return eval_transform(img, self.meta["resize_size"], self.meta["image_size"],
                               self.meta.get("interpolation", "bilinear"))
 
-    def predict(self, items: Iterable, topk: int | None = None, batch_size: int = 32) -> list[dict]:
-        """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error. A
-        multi_label checkpoint's probabilities are per class (sigmoid), label / prob are the most
-        probable class, and labels [{label, prob}] lists every class at or past its threshold."""
+    def logits(self, x):
+        """Class scores of a uint8 NCHW batch (on the host), as float on the host."""
         import torch
 
         from tl_dist.data.augment import normalize
+
+        if self.exported is not None:
+            return self.exported(x).float()
+        x = normalize(x.to(self.device), self.meta["mean"], self.meta["std"], channels_last=False)
+        with torch.inference_mode():
+            return self.model(x).float().cpu()
+
+    def predict(self, items: Iterable, topk: int | None = None, batch_size: int = 32, tta: bool = False) -> list[dict]:
+        """One dict per item, in order: path, label, prob, topk [{label, prob}] -- or path, error. A
+        multi_label checkpoint's probabilities are per class (sigmoid), label / prob are the most
+        probable class, and labels [{label, prob}] lists every class at or past its threshold.
+        ``tta``: the mean logits of each image and its mirror (as tl-dist evaluate --tta flip)."""
+        import torch
+
         from tl_dist.data.images import BadImage
 
         k = min(topk or 3, len(self.classes))
@@ -117,12 +129,9 @@ class Predictor:
             if not ready:
                 return
             x = torch.stack([t for _, t in ready])
-            if self.exported is not None:
-                logits = self.exported(x).float()
-            else:
-                x = normalize(x.to(self.device), self.meta["mean"], self.meta["std"], channels_last=False)
-                with torch.inference_mode():
-                    logits = self.model(x).float().cpu()
+            logits = self.logits(x)
+            if tta:
+                logits = (logits + self.logits(x.flip(-1))) / 2
             probs = torch.sigmoid(logits) if self.multi_label else logits.softmax(1)
             for (i, _), p in zip(ready, probs):
                 if not torch.isfinite(p).all():

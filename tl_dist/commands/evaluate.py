@@ -35,6 +35,8 @@ ECE_BINS = 15
 # ----------------------------------------------------------------------------- metrics (pure)
 
 def classification_metrics(logits, labels, classes: list[str], batch: int = 64, top_k: int = 5) -> dict:
+    from tl_dist.metrics import most_confused
+
     """Every number evaluate reports, from the logits (float, N x C) and true labels (N,).
 
     The loss is summed per ``batch`` (the batches the logits were computed in) in float32 and
@@ -71,6 +73,7 @@ def classification_metrics(logits, labels, classes: list[str], batch: int = 64, 
                                                                 ("f1", f1))},
         "weighted_avg": {m: avg(v, weights) for m, v in (("precision", precision), ("recall", recall), ("f1", f1))},
         "confusion_matrix": confusion.tolist(),
+        "most_confused": most_confused(confusion, classes),
     }
 
 
@@ -161,8 +164,10 @@ def list_labelled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     found, samples = list_split(folder.parent, folder.name)
     unknown = [c for c in found if c not in classes]
     if unknown:
-        splits = [c for c in unknown if c.lower() in ("train", "val", "valid", "validation", "test")]
-        hint = f"; {folder} looks like a data root: pass --split {splits[0]} (or another)" if splits else ""
+        names = ("val", "valid", "validation", "test", "train")  # (the one to name first, first)
+        splits = sorted((c for c in unknown if c.lower() in names), key=lambda c: names.index(c.lower()))
+        hint = (f"; {folder} looks like a data root with no test/ split: pass --split {splits[0]} to measure its "
+                f"{splits[0]} images" if splits else "")
         raise UserError(f"evaluate: class folder(s) under {folder} the checkpoint does not know: "
                         f"{first_few(unknown, 5)}; its classes: {first_few(classes, 10)}{hint}")
     index = {c: classes.index(c) for c in found}
@@ -291,6 +296,8 @@ def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least:
 
 def summary(metrics: dict, tta: dict | None, out: Path) -> None:
     from rich.console import Console
+
+    from tl_dist.metrics import confused_line
     from rich.markup import escape
     from rich.table import Table
 
@@ -308,6 +315,7 @@ def summary(metrics: dict, tta: dict | None, out: Path) -> None:
         t.add_row(name.replace("_", " "), f"{a['precision']:.4f}", f"{a['recall']:.4f}", f"{a['f1']:.4f}",
                   str(metrics["n"]))
     Console().print(t)
+    print(f"most confused (true -> predicted, images): {printable(confused_line(metrics['most_confused']))}")
     print(f"written: {printable(out)}/metrics.json, predictions.csv, confusion_matrix.png, reliability.png, "
           f"top_losses.png", flush=True)
 
@@ -334,14 +342,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> i
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        return _evaluate(args)
+        _evaluate(args)
+        return 0
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same bad input; one says so
             print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
 
 
-def _evaluate(args) -> int:
+def _evaluate(args, quiet: bool = False) -> dict | None:
+    """The evaluation ``args`` describe: its files in the out folder; the metrics (what
+    metrics.json holds) on rank 0, None on the others. ``quiet``: nothing printed (the Python API)."""
     import torch
 
     from tl_dist.files import checkpoint
@@ -396,7 +407,7 @@ def _evaluate(args) -> int:
     part = logits_for(predictor, paths, mine, batch, flip=args.tta == "flip", channels_last=channels_last)
     parts = distributed.gather_objects(acc, part)
     if not acc.is_main_process:
-        return 0
+        return None
     logits = torch.cat([a for a, _ in parts])
     if predictor.multi_label:
         from tl_dist.commands import evaluate_multi_label
@@ -405,9 +416,9 @@ def _evaluate(args) -> int:
                                               else None, predictor, out)
         if args.json:
             print(json.dumps(metrics, allow_nan=False))
-        else:
+        elif not quiet:
             evaluate_multi_label.summary(metrics, out)
-        return 0
+        return metrics
     if args.tune_thresholds:
         raise UserError("evaluate: --tune-thresholds applies to multi_label checkpoints (a class per threshold); "
                         "this one is single_label")
@@ -418,11 +429,12 @@ def _evaluate(args) -> int:
         tta = classification_metrics((logits + torch.cat([b for _, b in parts])) / 2, labels, classes, batch)
         tta.pop("per_class")
     write_outputs(out, metrics, paths, labels, logits, classes, predictor, tta)
+    written = {**metrics, **({"tta_flip": tta} if tta else {})}
     if args.json:
-        print(json.dumps({**metrics, **({"tta_flip": tta} if tta else {})}, allow_nan=False))
-    else:
+        print(json.dumps(written, allow_nan=False))
+    elif not quiet:
         summary(metrics, tta, out)
-    return 0
+    return written
 
 
 if __name__ == "__main__":

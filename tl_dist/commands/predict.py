@@ -1,6 +1,6 @@
-"""tl-dist predict: images -> the top-k classes of a checkpoint, as a table or JSON lines.
+"""tl-dist predict: images -> the top-k classes of a checkpoint, as a table, JSON lines or CSV.
 
-    python -m tl_dist.predict IMG [IMG|DIR ...] [--checkpoint RUN_DIR|FILE] [--topk K] [--json]
+    python -m tl_dist.predict IMG [IMG|DIR ...] [--checkpoint RUN_DIR|FILE] [--topk K] [--format table|json|csv]
 
 One process; needs nothing but the checkpoint (see ``tl_dist.predictor``). Exit codes: 0 all predicted, 1 some images failed, 2 bad
 usage or checkpoint.
@@ -81,6 +81,34 @@ def print_table(results: list[dict], k: int) -> None:
         t.add_row(*row)
     # Piped output has no terminal width; keep whole paths on one line there.
     Console(width=None if sys.stdout.isatty() else 200).print(t)
+    print(class_counts(results), flush=True)
+
+
+def class_counts(results: list[dict]) -> str:
+    """How many images each class was predicted for (several labels per image: each label counts)."""
+    from collections import Counter
+
+    done = [r for r in results if "error" not in r]
+    counts = Counter(e["label"] for r in done for e in (r["labels"] if "labels" in r else [r]))
+    per_class = ", ".join(f"{printable(c)} {n}" for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0])))
+    return f"predicted for {len(done)} image(s): {per_class or 'nothing'}"
+
+
+def write_csv(results: list[dict], k: int) -> None:
+    """One row per image: path, label, prob, the top k (label, prob) pairs, labels (multi_label:
+    every class at or past its threshold, ';'-separated), error (empty when it was predicted)."""
+    import csv
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(["path", "label", "prob", *[f"top{i}_{f}" for i in range(1, k + 1) for f in ("label", "prob")],
+                "labels", "error"])
+    for r in results:
+        if "error" in r:
+            w.writerow([r["path"], "", "", *[""] * (2 * k), "", r["error"]])
+            continue
+        top = [v for e in r["topk"] for v in (e["label"], f"{e['prob']:.6f}")]
+        labels = ";".join(e["label"] for e in r["labels"]) if "labels" in r else ""
+        w.writerow([r["path"], r["label"], f"{r['prob']:.6f}", *top, *[""] * (2 * k - len(top)), labels, ""])
 
 
 def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predict") -> argparse.Namespace:
@@ -91,7 +119,10 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predic
                    "file, or a file from tl-dist export (.onnx, .pt, .pt2); default: the newest "
                    "runs/*/best.safetensors")
     p.add_argument("--topk", type=int, default=None, help="classes to show per image (default min(3, classes))")
-    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout, nothing else")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="table (default), json (one "
+                   "object per image on stdout, nothing else) or csv (a header, then one row per image)")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
+    p.add_argument("--tta", choices=["flip"], help="score the mean logits of each image and its mirror")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--save-plot", metavar="FILE.png", help="draw the images with their predicted class (an "
@@ -100,7 +131,10 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m tl_dist.predic
     p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--thresholds", help="multi_label: per-class thresholds from tl-dist evaluate --tune-thresholds "
                    "(default: the checkpoint's train.threshold for every class)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.json:
+        args.format = "json"
+    return args
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predict") -> int:
@@ -111,7 +145,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         if args.batch_size < 1:
             raise UserError("predict: --batch-size must be 1 or more")
         ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-        if not args.checkpoint and not args.json:
+        if not args.checkpoint:  # (stderr: JSON and CSV on stdout stay clean)
             print(f"using checkpoint {printable(ckpt)}", file=sys.stderr)
         if args.save_plot:
             if not Path(args.save_plot).parent.is_dir():
@@ -127,12 +161,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.predi
         if args.thresholds:
             predictor.use_thresholds(args.thresholds)
         k = min(args.topk or 3, len(predictor.classes))
-        results = predictor.predict(paths, topk=k, batch_size=args.batch_size)
+        results = predictor.predict(paths, topk=k, batch_size=args.batch_size, tta=args.tta == "flip")
         failed = [r for r in results if "error" in r]
         try:
-            if args.json:
+            if args.format == "json":
                 for r in results:
                     print(json.dumps(r, allow_nan=False))
+            elif args.format == "csv":
+                write_csv(results, k)
             else:
                 for r in failed:
                     print(f"error: {one_line(r['error'])}", file=sys.stderr)

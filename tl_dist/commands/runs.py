@@ -22,6 +22,9 @@ from tl_dist.errors import UserError, one_line, printable
 from tl_dist.files.outputs import alive
 
 
+STATUS_WIDTH = 48  # characters of a run's status in the table
+
+
 MARKERS = ("config.yaml", "last.json", "resume.pt", "status.json")
 
 
@@ -218,9 +221,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist runs") -> int:
     from rich.table import Table
 
     t = Table(title=f"runs under {escape(printable(root))}")
+    t.caption = "status cut to the column: --json has it in full" if any(
+        len(r["status"]) > STATUS_WIDTH for r in rows) else None
     for col, just in (("run", "left"), ("arch", "left"), ("mode", "left"), ("epochs", "right"),
                       ("best val acc (epoch)", "right"), ("status", "left"), ("size", "right")):
-        t.add_column(col, justify=just, overflow="fold")
+        if col == "status":  # one line per run: a failure's reason cut to the column (in full with --json)
+            t.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=STATUS_WIDTH)
+        else:
+            t.add_column(col, justify=just, overflow="fold")
     for r in rows:
         epoch = r["best_epoch"] if r["best_epoch"] is not None else "?"
         best = ("-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f} ({epoch})" if r.get("best_map") is None

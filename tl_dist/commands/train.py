@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from tl_dist import config
@@ -62,11 +63,13 @@ def parser(prog: str) -> argparse.ArgumentParser:
                    help="a YAML config (configs/finetune.yaml, configs/frozen.yaml, ...), then overrides")
     p.add_argument("--config", "-c", metavar="CONFIG", help="the YAML config (the same as naming it first)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true", help="check the run in seconds: 2 train steps and 2 val batches "
+                   "of every phase, every file and picture, into a temporary folder that is then removed")
     return p
 
 
-def parse(argv: Sequence[str] | None, prog: str) -> tuple[str | None, list[str], bool]:
-    """(config file, overrides, print only) from the command line."""
+def parse(argv: Sequence[str] | None, prog: str) -> tuple[str | None, list[str], argparse.Namespace]:
+    """(config file, overrides, the flags) from the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser(prog).parse_intermixed_args(flag_overrides(argv))
     path, overrides = args.config, list(args.args)
@@ -75,15 +78,49 @@ def parse(argv: Sequence[str] | None, prog: str) -> tuple[str | None, list[str],
             raise UserError(f"usage: two configs given ({path} and {overrides[0]}); give one, then "
                             f"section.key=value overrides")
         path = overrides.pop(0)
-    return path, overrides, args.print_config
+    return path, overrides, args
+
+
+DRY_STEPS = 2  # train steps and val batches per epoch of a dry run
+
+
+def dry_run(cfg: config.Config, path: str | None, overrides: list[str]) -> int:
+    """The config's run cut to DRY_STEPS train steps and val batches per epoch (two epochs when
+    frozen_then_finetune, so both phases run), with every file and picture, into a temporary
+    folder removed afterwards; says what it did and what the real run will write where."""
+    import shutil
+    import tempfile
+    import time
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("usage: --dry-run checks a run in one process; run it without accelerate launch / torchrun")
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="tl_dist-dry-run-"))
+    phases = cfg.model.mode == "frozen_then_finetune"
+    cut = [f"train.output_dir={work / 'run'}", "train.resume=none", f"train.epochs={2 if phases else 1}",
+           f"train.limit_train_batches={DRY_STEPS}", f"train.limit_val_batches={DRY_STEPS}",
+           *(["model.unfreeze_epoch=1"] if phases else [])]
+    try:
+        result = train(config.load(path, [*overrides, *cut]))
+        files = sorted(p.name for p in (work / "run").iterdir())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # (ours: made above, nothing else in it)
+    if result.interrupted:
+        return 128 + result.interrupted
+    print(f"dry run: ok in {time.perf_counter() - t0:.1f}s ({len(result.history)} epoch(s) of {DRY_STEPS} train "
+          f"steps and {DRY_STEPS} val batches; wrote {', '.join(files)}). The run itself: the same command without "
+          f"--dry-run, into {cfg.train.output_dir}", flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m tl_dist.train") -> int:
     rank0 = os.environ.get("RANK", "0") == "0"  # every rank raises the same error; one says it
     try:
-        path, overrides, print_only = parse(argv, prog)
+        path, overrides, flags = parse(argv, prog)
         cfg = config.load(path, overrides)
-        if print_only:  # with what the model's weights fill in (image sizes, normalisation)
+        if flags.dry_run:
+            return dry_run(cfg, path, overrides)
+        if flags.print_config:  # with what the model's weights fill in (image sizes, normalisation)
             from tl_dist.models.backbones import resolve
             print(config.dump(resolve(cfg)), end="")
             return 0

@@ -82,14 +82,17 @@ def _refuse_unless_empty(root: Path) -> None:
                         f"data.root at a new folder for the demo set")
 
 
-def generate(root: str | Path, n_train: int = 244, n_val: int = 153, seed: int = 0) -> Path:
-    """Write root/{train,val}/{ants,bees}/*.jpg (atomically: a temp folder renamed into place).
+def generate(root: str | Path, n_train: int = 244, n_val: int = 153, seed: int = 0, log=None) -> Path:
+    """Write root/{train,val}/{ants,bees}/*.jpg (atomically: a temp folder renamed into place);
+    ``log`` says so once the folder is known to take it.
 
     Only into a missing or empty folder; a folder holding anything else is refused (UserError)."""
     root = Path(root)
     if (root / MARKER).exists():
         return root
     _refuse_unless_empty(root)
+    if log is not None:
+        log(f"generating the synthetic demo data set in {root} (once)")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:

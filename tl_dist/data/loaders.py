@@ -22,7 +22,7 @@ from tl_dist.config import DataConfig
 from tl_dist.data import device_cache, targets
 from tl_dist.data.images import BadImage, load_rgb
 from tl_dist.data.listing import Sample
-from tl_dist.data.samplers import EvalBatchSampler, TrainBatchSampler, eval_batch_size
+from tl_dist.data.samplers import EvalBatchSampler, TrainBatchSampler, eval_batch_size, eval_count
 
 
 
@@ -145,8 +145,10 @@ def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, 
 
 def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sample], *,
           seed: int, world: int = 1, rank: int = 0, device: torch.device = torch.device("cpu"),
-          sizes: dict[str, tuple[int, int]] | None = None) -> Data:
-    """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply."""
+          sizes: dict[str, tuple[int, int]] | None = None, limit_train: float | None = None,
+          limit_val: float | None = None) -> Data:
+    """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply.
+    ``limit_train`` / ``limit_val``: train.limit_*_batches (the epochs' first global batches)."""
     train_ds = ImageDataset(train, cfg, train=True, seed=seed, num_classes=len(classes))
     val_ds = ImageDataset(val, cfg, train=False, seed=seed, num_classes=len(classes))
     place = cache_place(cfg, train, val, sizes, device)
@@ -163,7 +165,9 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed,
                                 balanced_labels=[y for _, y in train] if cfg.sampler == "balanced" else None)
-    eval_sampler = EvalBatchSampler(len(val), eval_batch_size(cfg.eval_batch_size, cfg.batch_size), world, rank)
+    sampler.limit = limit_train
+    eval_batch = eval_batch_size(cfg.eval_batch_size, cfg.batch_size)
+    eval_sampler = EvalBatchSampler(eval_count(len(val), eval_batch, limit_val), eval_batch, world, rank)
     if place == "device" and fixed_train_transform(cfg):  # finished crops, as val's: nothing to augment
         train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
         return Data(classes, train_ds, val_ds,

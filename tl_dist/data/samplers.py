@@ -43,6 +43,20 @@ def draw_epochs(order: list[int], epoch: int) -> list[int]:
     return keys
 
 
+def limited_steps(limit: float | None, steps: int) -> int:
+    """train.limit_*_batches: the first ``limit`` of an epoch's ``steps`` batches (a count, or a
+    fraction below 1; at least one), or all of them."""
+    if limit is None:
+        return steps
+    wanted = math.ceil(limit * steps) if limit < 1 else int(limit)
+    return max(1, min(steps, wanted))
+
+
+def eval_count(n: int, batch: int, limit: float | None) -> int:
+    """The val images evaluated each epoch: all ``n``, or train.limit_val_batches' first batches."""
+    return min(n, limited_steps(limit, math.ceil(n / batch)) * batch)
+
+
 class TrainBatchSampler:
     """Global batches of batch_size * world samples in (seed, epoch) order; this rank's slice of each.
 
@@ -59,12 +73,17 @@ class TrainBatchSampler:
         self.n, self.bs, self.world, self.rank, self.seed, self.shuffle = n, batch_size, world, rank, seed, shuffle
         self.labels = balanced_labels  # data.sampler=balanced: draw classes equally often
         self.epoch = 0
+        self.limit: float | None = None  # train.limit_train_batches: the epoch's first global batches only
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.n / (self.bs * self.world))
+        return limited_steps(self.limit, math.ceil(self.n / (self.bs * self.world)))
+
+    def images_per_epoch(self) -> int:
+        """The real samples an epoch trains on over all ranks (all of them unless limited)."""
+        return sum(self.global_count(s) for s in range(len(self)))
 
     def global_count(self, step: int) -> int:
         g = self.bs * self.world

@@ -164,6 +164,9 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
         ("micro_f1", "micro_f1" not in meta or (_number(meta["micro_f1"]) and 0 <= meta["micro_f1"] <= 1),
          "a number from 0 to 1"),
         ("split", "split" not in meta or _split_ok(meta["split"]), "the summary of a split.json"),
+        ("limited", "limited" not in meta or (isinstance(meta["limited"], dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in meta["limited"].values())),
+         "the images a limited run's epochs took"),
         ("task", meta.get("task", "single_label") in ("single_label", "multi_label"), "single_label or multi_label"),
         ("threshold", "threshold" not in meta or (_number(meta["threshold"]) and 0 < meta["threshold"] < 1),
          "a probability between 0 and 1"),

@@ -55,6 +55,31 @@ class RunLock:
         self._fd: int | None = None
         self._path: Path | None = None
         self.segment_started = False  # set once the run starts writing here (status.json: running)
+        self.fresh = False  # the folder held no run when this segment began
+        self.created = False  # this segment made the folder
+        self.set_up_done = False  # the run got past its set-up (data, model, state): it trains from here
+
+    # What a segment writes before its first epoch (set-up): in a fresh folder, its own files.
+    SET_UP_FILES = ("status.json", "config.yaml", "split.json", "train_batch.png")
+
+    def discard(self) -> None:
+        """A fresh run refused during its set-up leaves nothing behind: this segment's own files (a
+        fresh folder held none of these names: ``refuse_foreign_files``), then the folder, if this
+        segment made it and nothing else is in it."""
+        if not (self.segment_started and self.fresh and self._path is not None):
+            return
+        folder = self._path.parent
+        for name in self.SET_UP_FILES:
+            try:
+                (folder / name).unlink()
+            except FileNotFoundError:
+                pass
+        self.release()
+        if self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # something else is in it now: not ours to remove
 
     def acquire(self, folder: Path) -> None:
         path = folder / self.NAME
@@ -188,11 +213,14 @@ def prepare_output_dir(path: Path, lock: RunLock, resume: str) -> None:
     """Create it, lock it (one run at a time), refuse to start afresh over a run that is there, and
     remove temp files a killed run of ours left."""
     try:
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         lock.acquire(path)  # before anything else here is touched
     except OSError as e:
         raise UserError(f"train: train.output_dir {path} is not writable: {e.strerror}; "
                         f"choose another with train.output_dir=PATH") from None
+    lock.created = created
+    lock.fresh = not holds_a_run(path)
     refuse_foreign_files(path)
     if resume == "none" and (path / "best.safetensors").exists():
         best = checkpoint.read_metadata(path / "best.safetensors")
@@ -204,13 +232,18 @@ def prepare_output_dir(path: Path, lock: RunLock, resume: str) -> None:
     lock.segment_started = True  # from here on this run's end is this directory's news
 
 
-def refuse_foreign_files(path: Path) -> None:
-    """A folder no tl_dist run has used must not hold files a run would replace (a project folder's
-    own config.yaml, say). A run's folder, recognised by its status.json or resume state, is its own."""
+def holds_a_run(path: Path) -> bool:
+    """Whether a tl_dist run has used the folder (its status.json or resume state)."""
     from tl_dist.files.outputs import json_object
 
     said = (json_object(path / "status.json") or {}).get("status")
-    if said in ("running", "complete", "interrupted", "failed") or (path / "resume.pt").exists():
+    return said in ("running", "complete", "interrupted", "failed") or (path / "resume.pt").exists()
+
+
+def refuse_foreign_files(path: Path) -> None:
+    """A folder no tl_dist run has used must not hold files a run would replace (a project folder's
+    own config.yaml, say). A run's folder, recognised by its status.json or resume state, is its own."""
+    if holds_a_run(path):
         return
     names = [*RUN_FILE_NAMES, "status.json", *(f"{p}.png" for p in PICTURES)]
     found = [n for n in names if (path / n).exists() or (path / n).is_symlink()]

@@ -42,6 +42,8 @@ def why_off(cfg: Config, model: torch.nn.Module, n_train: int) -> str | None:
                 "; data.augment=none keeps them fixed)")
     if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
         return "MixUp / CutMix mix the images before the backbone"
+    if cfg.train.limit_train_batches is not None:
+        return "train.limit_train_batches: each epoch trains on other images than the first one kept"
     if cfg.train.compile or cfg.train.cuda_graphs:
         return "train.compile / train.cuda_graphs run the whole model as one graph"
     if not isinstance(head, torch.nn.Linear):  # (SqueezeNet's conv head is followed by pooling)

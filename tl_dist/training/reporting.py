@@ -15,6 +15,7 @@ from rich.table import Table
 from tl_dist import __version__
 from tl_dist.training.engine import EpochResult
 from tl_dist.errors import drop_stdout, printable
+from tl_dist.metrics import confused_line, most_confused
 from tl_dist.training.run_state import RunState
 
 
@@ -79,7 +80,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return peak
 
 
-def summary(state: RunState, total: float, out: Path) -> None:
+def summary(state: RunState, total: float, out: Path, classes: list[str] | None = None) -> None:
     multi = bool(state.history) and all("map" in r for r in state.history)  # (several labels per image)
     t = Table(title=f"tl_dist run: {escape(printable(out))}")
     for col in ("epoch", "train loss", "train acc", "val loss", "val acc", *(("val mAP",) if multi else ()), "lr", "s"):
@@ -98,4 +99,8 @@ def summary(state: RunState, total: float, out: Path) -> None:
     else:
         print(f"total {total:.1f}s; best val acc {state.best_epoch_val_acc:.4f} at epoch {state.best_epoch}",
               flush=True)
+        if state.best_confusion is not None and classes:
+            pairs = most_confused(state.best_confusion, classes, most=5)
+            print(f"most confused at epoch {state.best_epoch} (true -> predicted, val images): "
+                  f"{printable(confused_line(pairs))}", flush=True)
     print(f"best weights: {printable(out / 'best.safetensors')}", flush=True)

@@ -15,7 +15,7 @@ import torch
 
 from tl_dist import config, tracking, visualize
 from tl_dist.config import Config
-from tl_dist.data import demo, listing, loaders, splits
+from tl_dist.data import demo, listing, loaders, samplers, splits
 from tl_dist.data.images import SKIP_BAD_IMAGES, ScanReport, screen_files
 from tl_dist.distributed import (agree, check_same_data, make_accelerator, note_peers, on_main_then_share,
                                  rewrap_unfrozen, spans_machines)
@@ -101,7 +101,7 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     if main_proc:
         first_lines(cfg, accelerator, d, listed, meta, mp, start, log)
     model = accelerator.unwrap_model(net)
-    return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, len(d.train)), step, settings,
+    return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, d.train_sampler.images_per_epoch()), step, settings,
                state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start),
                build_ema(cfg, model, state, log),
                HeadInputs() if keeps_val_features(cfg, model, frozen, len(d.val)) else None,
@@ -128,10 +128,10 @@ def screened_splits(cfg: Config, accelerator, log,
     demo set generated first where asked for. A split made by data.val_split keeps ``recorded``.
     The config comes back with the task resolved (``resolve_task``)."""
     if cfg.data.demo:
-        if accelerator.is_local_main_process and not (Path(cfg.data.root) / demo.MARKER).exists():
-            log(f"generating the synthetic demo data set in {cfg.data.root} (once)")
-        # (on every node's first rank; the others wait, then all learn of a refusal together)
-        agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0) if accelerator.is_local_main_process else None)
+        # (on every node's first rank, which says so once it knows the folder takes it; the others
+        # wait, then all learn of a refusal together)
+        agree(accelerator, lambda: demo.generate(cfg.data.root, seed=0, log=log) if accelerator.is_local_main_process
+              else None)
     data = agree(accelerator, listing.list_data, cfg.data, recorded)
     cfg = resolve_task(cfg, data)
     if data.note:
@@ -174,7 +174,8 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[Config, loaders.Data, d
     fingerprint = data_fingerprint(data.train, data.val, report.nbytes) if accelerator.is_main_process else None
     d = agree(accelerator, loaders.build, cfg.data, data.classes, data.train, data.val, seed=cfg.train.seed,
               world=accelerator.num_processes, rank=accelerator.process_index,
-              device=accelerator.device, sizes=report.sizes)
+              device=accelerator.device, sizes=report.sizes, limit_train=cfg.train.limit_train_batches,
+              limit_val=cfg.train.limit_val_batches)
     if d.warning:
         log(d.warning)
     return cfg, d, fingerprint, data
@@ -218,9 +219,25 @@ def read_state(cfg: Config, accelerator, net: torch.nn.Module, classes: list[str
     except (RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"resume: the weights in {out / 'resume.pt'} do not fit {cfg.model.arch} "
                         f"({one_line(first_line(e))}); use another train.output_dir or train.resume=none") from None
+    if complete(cfg, state):
+        raise RunComplete(state)
     log(f"resuming {out} after epoch {state.epoch} (best val acc {state.best_epoch_val_acc:.4f} "
         f"at epoch {state.best_epoch})")
     return state
+
+
+class RunComplete(Exception):
+    """The run to resume has nothing left to do: every epoch of train.epochs is done, or it stopped
+    early. Nothing is trained or written; the trainer says so and returns the run's result."""
+
+    def __init__(self, state: RunState) -> None:
+        super().__init__("complete")
+        self.state = state
+
+
+def complete(cfg: Config, state: RunState) -> bool:
+    patience = cfg.train.early_stopping_patience
+    return state.next_epoch >= cfg.train.epochs or bool(patience and state.epochs_without_improvement() >= patience)
 
 
 def shape_model(cfg: Config, net: torch.nn.Module, processes: int) -> tuple[torch.nn.Module, bool]:
@@ -281,9 +298,21 @@ def run_metadata(cfg: Config, accelerator, net: torch.nn.Module, d: loaders.Data
     }
     if split is not None:  # (the lists stay in split.json)
         meta["split"] = splits.summary(split)
+    if limited(cfg):  # (a quick trial: never to be mistaken for a full run)
+        meta["limited"] = {"train_images": d.train_sampler.images_per_epoch(), "val_images": val_images(cfg, d)}
     if cfg.train.task == "multi_label":  # (a checkpoint without "task" is single_label)
         meta["task"], meta["threshold"] = "multi_label", cfg.train.threshold
     return meta
+
+
+def limited(cfg: Config) -> bool:
+    return cfg.train.limit_train_batches is not None or cfg.train.limit_val_batches is not None
+
+
+def val_images(cfg: Config, d: loaders.Data) -> int:
+    """The val images each epoch evaluates (all, unless train.limit_val_batches)."""
+    return samplers.eval_count(len(d.val), samplers.eval_batch_size(cfg.data.eval_batch_size, cfg.data.batch_size),
+                               cfg.train.limit_val_batches)
 
 
 def build_ema(cfg: Config, model: torch.nn.Module, state: RunState, log) -> EMA | None:
@@ -349,6 +378,9 @@ def first_lines(cfg: Config, accelerator, d: loaders.Data, listed: listing.DataS
     log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images{layout}, {len(d.classes)} classes; "
         f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
         f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
+    if limited(cfg):
+        log(f"limited run (train.limit_train_batches / limit_val_batches): {d.train_sampler.images_per_epoch()} "
+            f"train and {val_images(cfg, d)} val images per epoch; a quick trial, and its files say so")
     if cfg.scheduler.warmup_epochs >= cfg.train.epochs:
         log(f"warning: scheduler.warmup_epochs ({cfg.scheduler.warmup_epochs:g}) is not shorter than train.epochs "
             f"({cfg.train.epochs}): the learning rate rises for the whole run and never trains at optim.lr; "

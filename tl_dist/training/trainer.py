@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 import sys
 import time
@@ -26,8 +27,8 @@ from tl_dist.training.engine import (EpochResult, evaluate, train_one_epoch)
 from tl_dist.errors import UserError, first_few, first_line, one_line
 from tl_dist.training.run_state import (RunState, model_identity, rng_state, score_of)
 from tl_dist.files.run_dir import save_epoch, write_status
-from tl_dist.training.reporting import epoch_line, metrics_row, summary
-from tl_dist.training.setup import Run, set_up, write_in_background
+from tl_dist.training.reporting import epoch_line, metrics_row, say, summary
+from tl_dist.training.setup import Run, RunComplete, set_up, write_in_background
 
 
 @dataclass
@@ -54,6 +55,11 @@ def fit(cfg: Config) -> RunResult:
                 cfg, lock, "interrupted", "stopped by a signal while waiting for another rank (frozen or gone)")
             try:
                 result = _fit(cfg, stop, writer, lock)
+            except RunComplete as done:
+                writer.close()
+                end_status(cfg, lock, "complete")
+                lock.release()
+                return already_complete(cfg, done.state)
             except RuntimeError as e:
                 failure = as_job_failure(e, cfg.train.collective_timeout)
                 if failure is None:
@@ -64,14 +70,29 @@ def fit(cfg: Config) -> RunResult:
             writer.close()
         except Exception as e2:
             print(f"warning: {one_line(e2)}", file=sys.stderr, flush=True)
-        end_status(cfg, lock, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                   "" if isinstance(e, KeyboardInterrupt) else one_line(first_line(e))[:300])
+        if isinstance(e, UserError) and lock.fresh and not lock.set_up_done:
+            lock.discard()  # refused before it began (data, weights, settings): no run to list
+        else:
+            end_status(cfg, lock, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                       "" if isinstance(e, KeyboardInterrupt) else one_line(first_line(e))[:300])
         lock.release()
         raise
     writer.close()
     end_status(cfg, lock, "interrupted" if result.interrupted else "complete")
     lock.release()
     return result
+
+
+def already_complete(cfg: Config, state: RunState) -> RunResult:
+    """A finished run asked to train again: say so (rank 0) and return its result."""
+    if os.environ.get("RANK", "0") == "0":
+        t = cfg.train
+        how = (f"stopped early after epoch {state.epoch} (train.early_stopping_patience={t.early_stopping_patience})"
+               if state.next_epoch < t.epochs else f"all {t.epochs} epochs done")
+        say(f"{t.output_dir} is complete: {how}; best val acc {state.best_epoch_val_acc:.4f} at epoch "
+            f"{state.best_epoch}. Nothing to do: a larger train.epochs continues it; train.resume=none or another "
+            f"train.output_dir starts a new run")
+    return RunResult(Path(cfg.train.output_dir), state.best_epoch_val_acc, state.best_epoch, state.history)
 
 
 def end_status(cfg: Config, lock: run_dir.RunLock, status: str, detail: str = "") -> None:
@@ -87,6 +108,7 @@ def end_status(cfg: Config, lock: run_dir.RunLock, status: str, detail: str = ""
 
 def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWriter, lock: run_dir.RunLock) -> RunResult:
     run = set_up(cfg, lock)
+    lock.set_up_done = True
     cfg = run.cfg  # (with what set-up resolved from the data: the task, the best-epoch metric)
     stop.attach(run.accelerator, cfg.train.collective_timeout)
     accelerator, state, d = run.accelerator, run.state, run.data
@@ -223,7 +245,7 @@ def finish(run: Run, writer: background_writer.BackgroundWriter, interrupted: in
     if state.best_model is not None:  # as the tutorial does: the model ends with the best weights
         pretrained.load_state(accelerator.unwrap_model(run.net), state.best_model)
     if accelerator.is_main_process:
-        summary(state, total, out)
+        summary(state, total, out, run.data.classes)
         if run.cfg.train.plots and state.best_model is not None:
             visualize.after_training(accelerator.unwrap_model(run.net), run.data, run.settings, state.history,
                                      state.best_confusion, out, accelerator.device, state.best_epoch)
