@@ -140,7 +140,7 @@ def test_the_output_place_is_checked_before_any_work_and_user_files_are_kept(tra
     args = [str(data), "--checkpoint", str(run), "--out", str(tmp_path / "o")]
     refused("--split", "nosuch", words="--split nosuch: no folder")
     refused("--split", "nosuch", words="holds train; val")
-    refused(words="pass --split train")
+    refused(words="no test/ split: pass --split val")
 
 
 @pytest.mark.slow
