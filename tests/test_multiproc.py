@@ -49,6 +49,11 @@ def test_frozen_parity_one_vs_two_processes(tiny_data, tmp_path, cache):
     for x, y in zip(ra, rb):
         assert x["val_acc"] == y["val_acc"] and x["val_samples"] == y["val_samples"] == 13
         assert abs(x["val_loss"] - y["val_loss"]) < 1e-5 and abs(x["train_loss"] - y["train_loss"]) < 1e-5
+    # each optimizer step's loss (over both ranks) and learning rate: the one-process step's
+    from tl_dist.files import resume_file
+    sa, sb = (resume_file.load_state(tmp_path / n / "resume.pt")["steps"] for n in ("one", "two"))
+    assert sa.shape == sb.shape == (8, 4) and torch.equal(sa[:, [0, 2, 3]], sb[:, [0, 2, 3]])
+    torch.testing.assert_close(sa[:, 1], sb[:, 1], rtol=1e-5, atol=1e-6)
 
 
 def test_two_process_resume_continues(tiny_data, tmp_path):

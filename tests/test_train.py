@@ -284,3 +284,28 @@ def test_pictures_stay_legible_with_many_classes_and_long_names(tmp_path, n):
         assert im.width >= 350 + 30 * n and im.height >= 200 + 14 * n
     with Image.open(tmp_path / "grid.png") as im:
         im.verify()
+
+
+def test_per_step_loss_and_learning_rate_add_up_to_the_epochs_and_resume_exactly(tiny_data, tmp_path, capsys):
+    # (StepLR with a warm-up: the curve does not depend on train.epochs, so a run of 1 then 2 epochs
+    # must give the same steps as a run of 2)
+    common = ("model.mode=frozen", "scheduler.name=step", "scheduler.warmup_epochs=1", "optim.lr=0.01")
+    assert _run(tmp_path / "run", tiny_data, *common, "train.epochs=2", "train.plots=true") == 0
+    said = capsys.readouterr().out
+    steps = resume_file.load_state(tmp_path / "run" / "resume.pt")["steps"]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sizes = torch.tensor([4.0] * 5 + [2.0])  # 22 train images in batches of 4: six steps an epoch
+    assert steps.shape == (12, 4) and torch.all(torch.diff(steps[:, 0]) > 0)
+    for e, row in enumerate(rows):
+        mine = steps[6 * e:6 * (e + 1)]
+        assert float(mine[-1, 0]) == e + 1 and float(mine[0, 0]) == pytest.approx(e + 4 / 22)
+        # the steps' losses, weighted by their images, are the epoch's train loss
+        assert float((mine[:, 1] * sizes).sum() / sizes.sum()) == pytest.approx(row["train_loss"], rel=1e-9)
+    assert float(steps[0, 2]) == pytest.approx(0.01 * 0.01)  # the warm-up's first step: warmup_start_factor x lr
+    assert rows[0]["lr_last"] == float(steps[5, 2]) and f"lr {rows[0]['lr']:.2g}->{rows[0]['lr_last']:.2g}" in said
+    assert "lr_last" not in rows[1]  # (constant through epoch 1)
+    with Image.open(tmp_path / "run" / "curves.png") as im:
+        im.verify()
+    assert _run(tmp_path / "resumed", tiny_data, *common, "train.epochs=1") == 0
+    assert _run(tmp_path / "resumed", tiny_data, *common, "train.epochs=2") == 0
+    assert torch.equal(resume_file.load_state(tmp_path / "resumed" / "resume.pt")["steps"], steps)

@@ -141,42 +141,79 @@ def _spans_decades(values: list[float]) -> bool:
     return len(pos) > 1 and max(pos) / min(pos) > 10
 
 
-def curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
-    """Loss (log scale when it spans more than 10x), accuracy and the learning rates per epoch, the
-    best epoch (the run's, by train.select_best_by; default the highest val accuracy, first on ties)
-    marked on all three."""
-    epochs = [r["epoch"] for r in history]
+def curves(history: list[dict], path: Path, best_epoch: int | None = None, steps: torch.Tensor | None = None) -> None:
+    """Loss (log scale when it spans more than 10x), accuracy and the learning rates, the best epoch
+    (the run's, by train.select_best_by; default the highest val accuracy, first on ties) marked on
+    all three. With the run's per-step rows (``steps``: position, loss, head lr, backbone lr) the x
+    axis counts epochs trained: each optimizer step's loss (faint) and its smoothed curve, the epoch
+    means at the middle of their epoch, the val points where they were measured (its end), and the
+    learning rate as it was set at every step; without them, one point per epoch."""
+    per_step = steps is not None and len(steps) > 0 and float(steps[0, 0]) <= 1.0  # (from the run's start)
+    at_train = [r["epoch"] + (0.5 if per_step else 0) for r in history]
+    at_val = [r["epoch"] + (1 if per_step else 0) for r in history]
     best = next((r for r in history if r["epoch"] == best_epoch), None) or \
         max(history, key=lambda r: (r["val_acc"], -r["epoch"]))
+    best_x = best["epoch"] + (1 if per_step else 0)
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     loss, acc, lr = fig.subplots(1, 3)
+    if per_step:
+        x, y = steps[:, 0].tolist(), steps[:, 1].tolist()
+        loss.plot(x, y, color=TRAIN, lw=0.6, alpha=0.25, label="train, per step")
+        loss.plot(x, smoothed(y), color=TRAIN, lw=1.4, label="train, smoothed")
     for ax, key, title in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
-        for split, colour in (("train", TRAIN), ("val", VAL)):
-            ax.plot(epochs, [r[f"{split}_{key}"] for r in history], marker="o", ms=4, color=colour, label=split)
+        for split, colour, xs in (("train", TRAIN, at_train), ("val", VAL, at_val)):
+            ax.plot(xs, [r[f"{split}_{key}"] for r in history], marker="o", ms=4, color=colour,
+                    ls="none" if per_step and split == "train" and key == "loss" else "-",
+                    label=f"{split}{', epoch mean' if per_step and split == 'train' else ''}")
         ax.set_title(title)
     if all("map" in r for r in history):  # several labels per image: accuracy is the exact match
-        acc.plot(epochs, [r["map"] for r in history], marker="^", ms=4, color=BLACK, label="val mAP")
+        acc.plot(at_val, [r["map"] for r in history], marker="^", ms=4, color=BLACK, label="val mAP")
         acc.set_title("exact-match accuracy, mAP")
     if _spans_decades([r[k] for r in history for k in ("train_loss", "val_loss")]):
         loss.set_yscale("log")
-    acc.annotate(f"best epoch {best['epoch']}\nval acc {best['val_acc']:.4f}", (best["epoch"], best["val_acc"]),
+    acc.annotate(f"best epoch {best['epoch']}\nval acc {best['val_acc']:.4f}", (best_x, best["val_acc"]),
                  xytext=(0.5, 0.12), textcoords="axes fraction", ha="center", fontsize=9,
                  arrowprops={"arrowstyle": "->", "color": "grey"})
-    lr.plot(epochs, [r["lr"] for r in history], marker="o", ms=4, color=BLACK, label="head")
-    if any(r.get("backbone_lr") not in (None, r["lr"]) for r in history):  # a line of its own only if it differs
-        lr.plot(epochs, [r.get("backbone_lr") if r.get("backbone_lr") is not None else float("nan") for r in history],
-                marker="s", ms=4, color="#7a3fb0", label="backbone")
-    if _spans_decades([r["lr"] for r in history] + [r.get("backbone_lr") for r in history]):
+    head, backbone = _learning_rates(history, steps if per_step else None)
+    lr.plot(*head, color=BLACK, label="head", **({"drawstyle": "steps-pre"} if per_step else {"marker": "o", "ms": 4}))
+    if backbone is not None:  # a line of its own only if it differs
+        lr.plot(*backbone, color="#7a3fb0", label="backbone",
+                **({"drawstyle": "steps-pre"} if per_step else {"marker": "s", "ms": 4}))
+    if _spans_decades(head[1] + (backbone[1] if backbone is not None else [])):
         lr.set_yscale("log")
-    lr.set_title("learning rate")
+    lr.set_title("learning rate" + (" (set at every step)" if per_step else " (at each epoch's start)"))
     for ax in (loss, acc, lr):
-        ax.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {best['epoch']})")
-        ax.set_xlabel("epoch")
+        ax.axvline(best_x, color="grey", ls="--", lw=1, label=f"best (epoch {best['epoch']})")
+        ax.set_xlabel("epochs trained" if per_step else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         # below the axes, never over the data
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=9, frameon=False)
     _save(fig, path)
+
+
+def _learning_rates(history: list[dict], steps: torch.Tensor | None):
+    """(x, head lr) and (x, backbone lr) or None where it is the head's: per step, or per epoch."""
+    if steps is not None:
+        x = steps[:, 0].tolist()
+        head, back = steps[:, 2].tolist(), steps[:, 3].tolist()
+        frozen = all(r.get("backbone_lr") is None for r in history)
+        return (x, head), (None if frozen or back == head else (x, back))
+    epochs = [r["epoch"] for r in history]
+    head = (epochs, [r["lr"] for r in history])
+    if any(r.get("backbone_lr") not in (None, r["lr"]) for r in history):
+        return head, (epochs, [r.get("backbone_lr") if r.get("backbone_lr") is not None else float("nan")
+                               for r in history])
+    return head, None
+
+
+def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
+    """An exponential moving average with the start's bias removed (as lr-find smooths its loss)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
 
 
 def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
@@ -319,8 +356,8 @@ def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steep:
 
 
 def after_training(model, d, ctx, history: list[dict], confusion: torch.Tensor, out: Path, device,
-                   best_epoch: int | None = None) -> None:
+                   best_epoch: int | None = None, steps: torch.Tensor | None = None) -> None:
     drawn(val_predictions, model, d.val, d.classes, ctx, device, out / "val_predictions.png")
-    drawn(curves, history, out / "curves.png", best_epoch)
+    drawn(curves, history, out / "curves.png", best_epoch, steps)
     if confusion is not None:  # (one label per image; tl-dist evaluate draws a multi_label run's per-class AP)
         drawn(confusion_matrix, confusion, d.classes, out / "confusion_matrix.png")

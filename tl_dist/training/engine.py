@@ -8,6 +8,7 @@ ranks. Padding samples carry weight 0 and so never reach the gradient or the met
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -44,6 +45,9 @@ class EpochResult:
     stopped: bool = False  # interrupted by a stop request before the end of the epoch
     confusion: torch.Tensor | None = None  # [true, predicted] counts (evaluate only, one label per image)
     metrics: dict | None = None  # multi_label evaluation: tl_dist.metrics.multi_label_metrics of the whole val set
+    # train only: per optimizer step, [position in epochs at its end, its mean loss over all ranks,
+    # the head's and the backbone's learning rate] (float64, on the host)
+    steps: torch.Tensor | None = None
 
 
 @dataclass
@@ -182,22 +186,52 @@ def train_one_epoch(accelerator, model, train_step: TrainStep, loader, sampler: 
     set_train_mode(accelerator.unwrap_model(model), True, settings.frozen, settings.frozen_bn)
     train_step.begin_epoch(model, settings)
     indices: list[torch.Tensor] = []  # each batch's dataset indices (which samples failed to decode)
+    log = StepLog()
     # (closed however the loop ends, so an error the run prints starts a line of its own)
     with tqdm(total=len(sampler), desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
         stopped = _train_steps(accelerator, model, loader, sampler, train_step, settings, epoch, bar, indices,
-                               schedule, ema, stop, tracking)
-    loss_sum, correct, count = reduce_sum(accelerator, [train_step.epoch_sums()])[0].tolist()
+                               schedule, ema, stop, tracking, log)
+    sums, marks = reduce_sum(accelerator, [train_step.epoch_sums(), log.stacked(train_step.epoch_sums())])
+    loss_sum, correct, count = sums.tolist()
     n = max(1.0, count)
     return EpochResult(loss_sum / n, correct / n, int(count), time.perf_counter() - t0,
-                       gather_union(accelerator, failed(indices)), stopped)
+                       gather_union(accelerator, failed(indices)), stopped, steps=log.steps(marks))
+
+
+class StepLog:
+    """Each optimizer step's loss and learning rates, for the per-step curves, without a host wait:
+    after each step a device copy of the epoch's running sums is kept, and at the epoch's end the
+    copies are reduced over the ranks with the sums (one collective) and differenced."""
+
+    def __init__(self) -> None:
+        self.marks: list[torch.Tensor] = []  # the running (loss, correct, count) sums after each step
+        self.at: list[tuple[float, float, float]] = []  # (position in epochs, head lr, backbone lr)
+
+    def note(self, sums: torch.Tensor, position: float, lrs: list[float]) -> None:
+        self.marks.append(sums.clone())
+        self.at.append((position, lrs[0], lrs[-1]) if lrs else (position, math.nan, math.nan))
+
+    def stacked(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.marks) if self.marks else like.new_zeros((0, 3))
+
+    def steps(self, marks: torch.Tensor) -> torch.Tensor:
+        """[steps, 4]: position, mean loss of the step over all ranks, head lr, backbone lr."""
+        if not self.at:
+            return torch.zeros((0, 4), dtype=torch.float64)
+        marks = marks.reshape(-1, 3).double()
+        delta = torch.diff(marks, dim=0, prepend=torch.zeros_like(marks[:1]))
+        loss = delta[:, 0] / delta[:, 2].clamp(min=1)
+        return torch.cat([torch.tensor(self.at, dtype=torch.float64), loss[:, None]], 1)[:, [0, 3, 1, 2]]
 
 
 def _train_steps(accelerator, model, loader, sampler, train_step, settings: StepSettings, epoch: int, bar,
-                 indices: list[torch.Tensor], schedule, ema, stop, tracking) -> bool:
+                 indices: list[torch.Tensor], schedule, ema, stop, tracking, log: StepLog) -> bool:
     """The epoch's micro-batches; whether a stop was asked for."""
     world, k, n_micro = accelerator.num_processes, settings.grad_accum_steps, len(sampler)
     done = 0  # images the epoch's earlier optimizer steps took, over all ranks
+    epoch_images = sampler.images_per_epoch()
+    lrs = schedule.epoch_lrs if schedule is not None else [0.0]
     for micro, batch in enumerate(loader):
         x, y, w, idx = to_device(batch, accelerator.device, settings)
         indices.append(idx)
@@ -218,6 +252,8 @@ def _train_steps(accelerator, model, loader, sampler, train_step, settings: Step
                                 settings.mixup_alpha, settings.cutmix_alpha, settings.mix_prob, x.shape[2], x.shape[3])
             x, mix = mixing.apply(x, y, drawn)
         train_step(x, y, w, world / window_images, update, mix)
+        if update:
+            log.note(train_step.epoch_sums(), epoch + done / epoch_images, lrs)
         if update and ema is not None:
             ema.update()
         bar.update(1)

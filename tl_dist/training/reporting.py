@@ -59,6 +59,8 @@ def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], 
            "lr": lrs[0], "backbone_lr": None if frozen else lrs[-1],
            "seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "val_seconds": va.seconds,
            "train_samples": tr.samples, "val_samples": va.samples, **peak_memory_mb(device)}
+    if tr.steps is not None and len(tr.steps) and float(tr.steps[-1, 2]) != lrs[0]:
+        row["lr_last"] = float(tr.steps[-1, 2])  # (a warm-up, cosine or one-cycle moved it within the epoch)
     if digest:
         row["weights_digest"] = digest
     return row
@@ -66,10 +68,11 @@ def metrics_row(epoch: int, tr: EpochResult, va: EpochResult, lrs: list[float], 
 
 def epoch_line(row: dict, epochs: int, lrs: list[float], frozen: bool, is_best: bool) -> str:
     backbone = "" if frozen or lrs[-1] == lrs[0] else f" (backbone {lrs[-1]:.2g})"
+    moved = f"->{row['lr_last']:.2g}" if "lr_last" in row else ""  # (where it went within the epoch)
     return (f"epoch {row['epoch']} ({row['epoch'] + 1} of {epochs})  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
             + (f"mAP {row['map']:.4f} F1 {row['micro_f1']:.4f}  " if "map" in row else "")
-            + f"lr {lrs[0]:.2g}{backbone}  {row['seconds']:.1f}s{'  *best' if is_best else ''}")
+            + f"lr {lrs[0]:.2g}{moved}{backbone}  {row['seconds']:.1f}s{'  *best' if is_best else ''}")
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:

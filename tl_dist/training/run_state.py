@@ -53,6 +53,8 @@ class RunState:
     rng: list[dict] = field(default_factory=list)  # each rank's RNG states, in rank order
     data: dict | None = None  # data_fingerprint() of the data the last segment trained on
     config: dict | None = None  # the resolved config of the last segment (a resume may change it)
+    # every optimizer step so far: [position in epochs, mean loss, head lr, backbone lr] (the per-step curves)
+    steps: torch.Tensor | None = None
 
     @property
     def next_epoch(self) -> int:
@@ -78,6 +80,11 @@ class RunState:
         written before it existed carry none): from its metrics row."""
         row = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
         self.best_score = score_of(row, by) if row is not None else -math.inf
+
+    def add_steps(self, steps: torch.Tensor | None) -> None:
+        """An epoch's per-step rows (a run resumed from a state without them starts its curve there)."""
+        if steps is not None:
+            self.steps = steps if self.steps is None else torch.cat([self.steps, steps])
 
     def epochs_without_improvement(self) -> int:
         return self.epoch - self.best_epoch if self.best_epoch >= 0 else 0
@@ -121,6 +128,9 @@ def read_resume(cfg: Config, identity: dict[str, Any]) -> RunState | None:
             raise UserError(f"resume: {path} was trained with {key}={s.get(key)!r}, this run has "
                             f"{now!r}; use another train.output_dir or train.resume=none")
     state = RunState.from_resume(s)
+    steps = state.steps  # (only the pictures read it: a state without it, or with a damaged one, starts the curve anew)
+    if not (isinstance(steps, torch.Tensor) and steps.dim() == 2 and steps.shape[1] == 4 and steps.is_floating_point()):
+        state.steps = None
     state.rescore(cfg.train.select_best_by)
     best = Path(cfg.train.output_dir) / "best.safetensors"
     if best.exists():  # never let a resumed run overwrite a better best with a worse one

@@ -133,6 +133,7 @@ def _fit(cfg: Config, stop: StopRequest, writer: background_writer.BackgroundWri
         digest = assert_ranks_in_sync(accelerator, run.net, epoch)
         report_bad_images(cfg, d, tr, va, epoch, run.log)
         row = metrics_row(epoch, tr, va, lrs, run.settings.frozen, digest, accelerator.device)
+        state.add_steps(tr.steps)
         is_best = record_and_save(run, writer, row, va)
         run.tracking.epoch(row)
         run.log(epoch_line(row, cfg.train.epochs, lrs, run.settings.frozen, is_best))
@@ -248,7 +249,7 @@ def finish(run: Run, writer: background_writer.BackgroundWriter, interrupted: in
         summary(state, total, out, run.data.classes)
         if run.cfg.train.plots and state.best_model is not None:
             visualize.after_training(accelerator.unwrap_model(run.net), run.data, run.settings, state.history,
-                                     state.best_confusion, out, accelerator.device, state.best_epoch)
+                                     state.best_confusion, out, accelerator.device, state.best_epoch, state.steps)
         run.tracking.pictures(out, state.epoch + 1)
     run.tracking.end()
     return RunResult(out, state.best_epoch_val_acc, state.best_epoch, state.history)
