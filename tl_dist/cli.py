@@ -2,6 +2,7 @@
 
     tl-dist train CONFIG [section.key=value ...]        train (also: python -m tl_dist.train)
     tl-dist predict IMAGE|DIR ... [--checkpoint RUN]    predict (also: python -m tl_dist.predict)
+    tl-dist preview CONFIG [section.key=value ...]      the data: counts, sizes, augmented samples per class
     tl-dist lr-find CONFIG [section.key=value ...]      the learning-rate range test, a suggested optim.lr
     tl-dist evaluate DATA_DIR --checkpoint RUN          metrics, confusion, calibration, top losses
     tl-dist export RUN [--format onnx|torchscript|exported]  a file other runtimes load, self-checked
@@ -23,6 +24,7 @@ from tl_dist import __version__
 COMMANDS = {
     "train": ("tl_dist.commands.train", "fine-tune or train a frozen-backbone classifier from a YAML config"),
     "predict": ("tl_dist.commands.predict", "predict image classes with a checkpoint (needs nothing else)"),
+    "preview": ("tl_dist.commands.preview", "the data as a config trains on it: counts, sizes, augmented samples"),
     "lr-find": ("tl_dist.commands.lr_find", "the learning-rate range test for a config: a suggested optim.lr and its curve"),
     "evaluate": ("tl_dist.commands.evaluate", "measure a checkpoint on a labelled folder: metrics, errors, calibration"),
     "export": ("tl_dist.commands.export", "export a checkpoint to ONNX, TorchScript or torch.export, checked before it is kept"),
