@@ -37,3 +37,27 @@ def test_preview_notes_flips_on_symbols_and_writes_nothing_else(tmp_path, capsys
     assert "classes look like digits or letters, and data.hflip=true" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["preview.png"]
     assert preview.main(args(tmp_path / "nothing_here")) == 2
+
+
+def test_the_predictions_picture_shows_mistakes_first_and_every_class(tiny_data):
+    import torch
+
+    from tl_dist import config, visualize
+    from tl_dist.data.listing import list_data
+    from tl_dist.data.loaders import ImageDataset
+    from tl_dist.training.engine import StepSettings
+
+    cfg = config.load(None, [f"data.root={tiny_data}", "data.image_size=32", "data.resize_size=36",
+                             "data.interpolation=bilinear"]).data
+    data = list_data(cfg)
+    ds = ImageDataset(data.val, cfg, train=False, seed=0)  # 7 ants, then 6 bees
+
+    class SaysAnts(torch.nn.Module):  # sure of ants, the surer the brighter the image
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)), torch.full((len(x),), -5.0)], 1)
+    settings = StepSettings([0.5] * 3, [0.25] * 3, False, True, "eval")
+    chosen = visualize._mistakes_first(SaysAnts(), ds, list(range(len(ds))), settings, torch.device("cpu"), 8)
+    labels = [data.val[i][1] for i in chosen]
+    assert labels[:4] == [1, 1, 1, 1] and 0 in labels and len(chosen) == len(set(chosen)) == 8
+    brightness = [float(ds[(i, 0, 1.0)][0].float().mean()) for i in chosen[:4]]
+    assert brightness == sorted(brightness, reverse=True)  # the most confident mistakes first

@@ -279,6 +279,12 @@ def test_lr_find_suggests_inside_the_falling_stretch():
             for lr in lrs]  # flat, falls from 1e-4 to 1e-2, then rises
     valley, tenth = suggestion(lrs, loss)
     assert 1e-4 < valley < 1e-2 and tenth == pytest.approx(lrs[loss.index(min(loss))] / 10)
+    # a minimum at the sweep's start: a tenth of it was never tried, so it is not suggested
+    rising = [1.0 + i / 10 for i in range(60)]
+    assert suggestion(lrs, rising)[1] is None
+    from tl_dist.training.lr_range import warnings
+    assert warnings(lrs, loss) == [] and any("no clear valley" in w for w in warnings(lrs, rising))
+    assert any("only 20 steps" in w for w in warnings(lrs[:20], loss[:20]))
 
 
 @pytest.mark.slow

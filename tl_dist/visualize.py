@@ -113,13 +113,21 @@ def names(label, classes: list[str]) -> str:
     return classes[int(label)]
 
 
+CANDIDATES = 256  # val images the predictions picture chooses from (spread over the val set)
+
+
 @torch.inference_mode()
 def val_predictions(model, ds: ImageDataset, classes: list[str], ctx, device, path: Path, n: int = 8) -> None:
-    """The tutorial's visualize_model: val images with predicted and true class; wrong ones in red."""
-    idx = [i for i in range(0, len(ds), max(1, len(ds) // n))][:n]
+    """The tutorial's visualize_model, made to teach: val images with predicted and true class,
+    the mistakes first (the most confident first), then one right image per class not shown yet,
+    up to max(n, classes) images (at most 16)."""
+    n = min(16, max(n, len(classes)))
+    candidates = list(range(0, len(ds), max(1, len(ds) // CANDIDATES)))[:CANDIDATES]
+    model.eval()
+    idx = _mistakes_first(model, ds, candidates, ctx, device, n) if not ctx.multi_label else \
+        candidates[::max(1, len(candidates) // n)][:n]
     items = [ds[(i, 0, 1.0)] for i in idx]
     x = normalize(torch.stack([it[0] for it in items]).to(device), ctx.mean, ctx.std, ctx.channels_last)
-    model.eval()
     out = []
     if ctx.multi_label:  # every class at or past the threshold; right when the sets are equal
         pred = torch.sigmoid(model(x).float()).cpu()
@@ -134,6 +142,28 @@ def val_predictions(model, ds: ImageDataset, classes: list[str], ctx, device, pa
         k = int(p.argmax())
         out.append((img, f"pred: {classes[k]} ({p[k]:.2f})\ntrue: {classes[label]}", k == label))
     grid(out, path)
+
+
+def _mistakes_first(model, ds: ImageDataset, candidates: list[int], ctx, device, n: int) -> list[int]:
+    """Of the candidates: the wrong ones, most confident first, then a right one of each class not
+    shown yet, then the rest in order, ``n`` in all."""
+    probs, labels = [], []
+    for lo in range(0, len(candidates), 32):
+        items = [ds[(i, 0, 1.0)] for i in candidates[lo:lo + 32]]
+        x = normalize(torch.stack([it[0] for it in items]).to(device), ctx.mean, ctx.std, ctx.channels_last)
+        probs.append(model(x).float().softmax(1).cpu())
+        labels += [int(it[1]) for it in items]
+    p = torch.cat(probs)
+    conf, pred = p.max(1)
+    wrong = sorted((i for i in range(len(candidates)) if int(pred[i]) != labels[i]), key=lambda i: -float(conf[i]))
+    chosen = wrong[: max(1, n // 2)] if wrong else []
+    shown = {labels[i] for i in chosen}
+    for i in range(len(candidates)):
+        if len(chosen) < n and labels[i] not in shown and i not in chosen:
+            chosen.append(i)
+            shown.add(labels[i])
+    chosen += [i for i in range(len(candidates)) if i not in chosen][: n - len(chosen)]
+    return [candidates[i] for i in chosen]
 
 
 def _spans_decades(values: list[float]) -> bool:
@@ -240,7 +270,8 @@ def confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"),
                                  (axes[1], rows, "row-normalised (recall on the diagonal)", "{:.2f}")):
         im = ax.imshow(data.numpy(), cmap="Blues", vmin=0)
-        ax.set_title(title + title_note, fontsize=11)
+        # (a parenthesis on a line of its own: a narrow figure must not break a phrase in two)
+        ax.set_title((title + title_note).replace(" (", "\n("), fontsize=11)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_xticks(range(c), names, rotation=90 if c > 6 else 45, ha="right" if c <= 6 else "center",
@@ -264,7 +295,15 @@ def reliability(bins: list[dict], ece: float, path: Path) -> None:
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     width = bins[0]["hi"] - bins[0]["lo"]
     centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
-    top.bar(centres, [b["accuracy"] or 0 for b in bins], width=width * 0.9, color=TRAIN, label="accuracy")
+    most = max(1, max(b["count"] for b in bins))
+    # A bin's bar is as solid as its share of the images: one image must not look like seventy
+    top.bar(centres, [b["accuracy"] or 0 for b in bins], width=width * 0.9, color=TRAIN, label="accuracy",
+            alpha=None)
+    for patch, b in zip(top.patches, bins):
+        patch.set_alpha(0.15 + 0.85 * b["count"] / most)
+        if b["count"]:
+            top.text(patch.get_x() + patch.get_width() / 2, (b["accuracy"] or 0) + 0.01, str(b["count"]),
+                     ha="center", va="bottom", fontsize=7, color="dimgrey")
     top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     filled = [(b["confidence"], b["accuracy"]) for b in bins if b["count"]]
     if filled:
@@ -335,18 +374,24 @@ def top_losses(items: list[tuple[torch.Tensor, str, bool]], path: Path) -> None:
         grid(items, path)
 
 
-def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steep: float, tenth: float,
-            path: Path) -> None:
-    """The range test: loss against learning rate (log axis), raw and smoothed, the suggestions marked."""
+def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], steep: float, tenth: float | None,
+            path: Path, diverged: bool = False) -> None:
+    """The range test: loss against learning rate (log axis), raw and smoothed, the suggestions
+    marked; the whole smoothed curve is shown, where it blows up too (a log loss axis when it spans
+    more than 10x), and the raw loss is cut only above it."""
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.subplots()
-    ax.plot(lrs, losses, color=TRAIN, alpha=0.3, lw=1, label="loss")
+    top = max(smoothed)
+    ax.plot(lrs, [min(v, 2 * top) for v in losses], color=TRAIN, alpha=0.3, lw=1, label="loss")
     ax.plot(lrs, smoothed, color=TRAIN, lw=2, label="smoothed")
     ax.axvline(steep, color=GREEN, ls="--", lw=1.2, label=f"suggested (valley): {steep:.2g}")
-    ax.axvline(tenth, color=VAL, ls=":", lw=1.2, label=f"minimum / 10: {tenth:.2g}")
+    if tenth is not None:
+        ax.axvline(tenth, color=VAL, ls=":", lw=1.2, label=f"minimum / 10: {tenth:.2g}")
+    if diverged:
+        ax.axvline(lrs[-1], color=RED, lw=1, label=f"diverged: {lrs[-1]:.2g}")
     ax.set_xscale("log")
-    low, high = min(smoothed), max(smoothed[: max(1, len(smoothed) // 10)] + [min(smoothed)])
-    ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.5 * (high - low + 1e-9))  # the informative part
+    if _spans_decades(smoothed):
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate (optim.lr)")
     ax.set_ylabel("train loss")
     ax.set_title("learning-rate range test")

@@ -289,8 +289,9 @@ def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least:
     items = []
     for i in chosen:
         k = int(probs[i].argmax())
-        items.append((predictor.eval_tensor(paths[i]), f"true: {classes[labels[i]]}\npred: {classes[k]} "
-                      f"({probs[i, k]:.2f}), loss {max(0.0, float(losses[i])):.2f}", k == int(labels[i])))
+        items.append((predictor.eval_tensor(paths[i]), f"{Path(paths[i]).name}\ntrue: {classes[labels[i]]}\n"
+                      f"pred: {classes[k]} ({probs[i, k]:.2f}), loss {max(0.0, float(losses[i])):.2f}",
+                      k == int(labels[i])))
     return items
 
 

@@ -67,8 +67,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist lr-find") -> in
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     out = Path(cfg.train.output_dir)
-    print(f"suggested optim.lr: {result['suggested']:.2g} (the valley of the smoothed loss); "
-          f"a tenth of the minimum's: {result['min_loss_lr_div10']:.2g}")
+    tenth = result["min_loss_lr_div10"]
+    print(f"suggested optim.lr: {result['suggested']:.2g} (the valley of the smoothed loss)"
+          + (f"; a tenth of the minimum's: {tenth:.2g}" if tenth is not None else ""))
+    for line in result["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{len(result['lr'])} steps from {result['lr'][0]:.1e} to {result['lr'][-1]:.1e}"
           f"{' (stopped: the loss diverged)' if result['diverged'] else ''}; "
           f"wrote {printable(str(out / 'lr_find.png'))} and lr_find.json")

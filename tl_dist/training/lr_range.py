@@ -15,10 +15,27 @@ SMOOTH = 0.98  # the loss's exponential average
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 
 
-def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+FEW_STEPS = 50  # fewer steps than this make a noisy curve: said
+FLAT = 0.05  # a smoothed loss that falls less than this share from its start has no clear valley: said
+
+
+def warnings(lrs: list[float], smoothed: list[float]) -> list[str]:
+    """What makes this curve's suggestion doubtful: too few steps, or a loss that hardly fell."""
+    out = []
+    if len(lrs) < FEW_STEPS:
+        out.append(f"only {len(lrs)} steps: the curve is noisy, and its suggestion with it (--steps 100 or more)")
+    start, low = smoothed[0], min(smoothed)
+    if start > 0 and (start - low) / start < FLAT:
+        out.append(f"no clear valley: the smoothed loss fell only from {start:.4g} to {low:.4g} over the sweep; widen it "
+                   f"(--start-lr / --end-lr), or check the data and labels (preview) before trusting the suggestion")
+    return out
+
+
+def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float | None]:
     """(fastai's "valley": the learning rate a little past the middle of the longest stretch over
-    which the smoothed loss keeps falling; a tenth of the one at the loss minimum). The valley is
-    robust to the noise a single steepest point picks up on small data."""
+    which the smoothed loss keeps falling; a tenth of the one at the loss minimum, or None where the
+    minimum is at the sweep's start, which makes a tenth of it a rate the sweep never tried). The
+    valley is robust to the noise a single steepest point picks up on small data."""
     n = len(smoothed)
     run = [1] * n  # the longest falling sequence ending at i
     start = end = 0
@@ -30,7 +47,9 @@ def suggestion(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
             end, start = i, i - run[i]
     third = (end - start) / 3
     valley = lrs[max(0, min(n - 1, start + int(third) + int(third / 2)))]
-    return valley, lrs[min(range(n), key=smoothed.__getitem__)] / 10
+    lowest = min(range(n), key=smoothed.__getitem__)
+    tenth = lrs[lowest] / 10
+    return valley, tenth if tenth >= lrs[0] else None
 
 
 def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
@@ -48,7 +67,7 @@ def run(cfg, start_lr: float, end_lr: float, steps: int) -> dict:
                         f"start lower")
     steep, tenth = suggestion(lrs, smoothed)
     result = {"lr": lrs, "loss": losses, "smoothed": smoothed, "suggested": steep, "min_loss_lr_div10": tenth,
-              "diverged": diverged, "config": cfg.to_dict()}
+              "diverged": diverged, "warnings": warnings(lrs, smoothed), "config": cfg.to_dict()}
     write(Path(cfg.train.output_dir), result)
     return result
 
@@ -134,6 +153,6 @@ def write(out: Path, result: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic.atomic_write_text(out / "lr_find.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
         visualize.lr_find(result["lr"], result["loss"], result["smoothed"], result["suggested"],
-                          result["min_loss_lr_div10"], out / "lr_find.png")
+                          result["min_loss_lr_div10"], out / "lr_find.png", result["diverged"])
     except OSError as e:
         raise UserError(f"lr-find: cannot write into {out}: {e.strerror}; set train.output_dir") from None
