@@ -5,7 +5,8 @@
     tl-dist preview CONFIG [section.key=value ...]      the data: counts, sizes, augmented samples per class
     tl-dist lr-find CONFIG [section.key=value ...]      the learning-rate range test, a suggested optim.lr
     tl-dist evaluate DATA_DIR --checkpoint RUN          metrics, confusion, calibration, top losses
-    tl-dist export RUN [--format onnx|torchscript|exported]  a file other runtimes load, self-checked
+    tl-dist export RUN [--format onnx|torchscript|exported|hf]  a file other runtimes load, self-checked
+    tl-dist push RUN --repo USER/NAME                   publish the run on the Hugging Face Hub, with a model card
     tl-dist runs [DIR] [--json]                         the runs under DIR (runs/) and how they stand
     tl-dist doctor [--json]                             environment and a self-test of every feature
 
@@ -27,7 +28,9 @@ COMMANDS = {
     "preview": ("tl_dist.commands.preview", "the data as a config trains on it: counts, sizes, augmented samples"),
     "lr-find": ("tl_dist.commands.lr_find", "the learning-rate range test for a config: a suggested optim.lr and its curve"),
     "evaluate": ("tl_dist.commands.evaluate", "measure a checkpoint on a labelled folder: metrics, errors, calibration"),
-    "export": ("tl_dist.commands.export", "export a checkpoint to ONNX, TorchScript or torch.export, checked before it is kept"),
+    "export": ("tl_dist.commands.export", "export a checkpoint to ONNX, TorchScript or torch.export, checked before it "
+                                          "is kept; or as a folder to publish (hf)"),
+    "push": ("tl_dist.commands.push", "publish a run on the Hugging Face Hub: weights, config, a model card"),
     "runs": ("tl_dist.commands.runs", "the runs under a folder (runs/): arch, epochs, best val acc, status, size"),
     "doctor": ("tl_dist.commands.doctor", "this machine's environment, and a self-test of every feature it can run"),
 }

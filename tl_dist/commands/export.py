@@ -176,7 +176,7 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description="Export a checkpoint for other runtimes, checked against "
                                 "the eager model before it is put in place.")
     p.add_argument("checkpoint", metavar="RUN", help="run directory (its best.safetensors) or a .safetensors file")
-    p.add_argument("--format", "-f", choices=list(SUFFIXES), default="onnx",
+    p.add_argument("--format", "-f", choices=[*SUFFIXES, "hf"], default="onnx",
                    help="onnx (onnxruntime and others; needs the [export] extra), torchscript (torch.jit.load), "
                         "exported (torch.export.load); default onnx")
     p.add_argument("--out", "-o", help="the file to write (default RUN/model.onnx, .pt or .pt2)")
@@ -233,6 +233,8 @@ def _export(args) -> int:
     from tl_dist.files.exported import SUFFIXES, format_of, missing_onnx_packages
 
     fmt = args.format
+    if fmt == "hf":
+        return export_hub_folder(args)
     if fmt == "onnx" and missing_onnx_packages():
         raise UserError(f"export: --format onnx needs {', '.join(missing_onnx_packages())}: "
                         f"pip install 'tl_dist[export]' (or pip install onnx onnxscript onnxruntime)")
@@ -260,6 +262,20 @@ def _export(args) -> int:
     refuse_foreign([out], is_export, "export", args.force)
     refuse_foreign([sidecar(out)], is_export_sidecar, "export", args.force)
     return run_export(ckpt, out, fmt, args)
+
+
+def export_hub_folder(args) -> int:
+    """--format hf: the run as a folder to publish (weights, config.json, model card, pictures)."""
+    from tl_dist.files import checkpoint, hub_folder
+
+    ckpt = checkpoint.locate(args.checkpoint)
+    out = Path(args.out).expanduser() if args.out else ckpt.parent / "hf"
+    if not out.parent.is_dir():
+        raise UserError(f"export: --out {out}: folder {out.parent} does not exist")
+    files = hub_folder.write(ckpt, out, args.force)
+    print(f"wrote {printable(str(out))}: {', '.join(p.name for p in files)}; predict with: tl-dist predict IMAGE "
+          f"--checkpoint {printable(str(out))}; publish with: tl-dist push {printable(str(ckpt.parent))} --repo NAME")
+    return 0
 
 
 def run_export(ckpt: Path, out: Path, fmt: str, args) -> int:

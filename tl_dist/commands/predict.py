@@ -1,6 +1,7 @@
 """tl-dist predict: images -> the top-k classes of a checkpoint, as a table, JSON lines or CSV.
 
-    python -m tl_dist.predict IMG [IMG|DIR ...] [--checkpoint RUN_DIR|FILE] [--topk K] [--format table|json|csv]
+    python -m tl_dist.predict IMG [IMG|DIR ...] [--checkpoint RUN_DIR|FILE] [--topk K]
+                              [--format table|json|csv] [--tta flip]
 
 One process; needs nothing but the checkpoint (see ``tl_dist.predictor``). Exit codes: 0 all predicted, 1 some images failed, 2 bad
 usage or checkpoint.

@@ -201,10 +201,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 def locate(path: str | Path, name: str = "best") -> Path:
-    """A run directory means its ``{name}.safetensors``; a file means itself."""
+    """A run directory means its ``{name}.safetensors`` (a published folder, from ``tl-dist export
+    --format hf``, its model.safetensors); a file means itself."""
     p = Path(path).expanduser()
     if p.is_dir():
+        published = p / "model.safetensors"
         p = p / f"{name}.safetensors"
+        if not p.exists() and published.is_file() and (published.parent / "config.json").is_file():
+            p = published
     if not p.is_file():
         raise UserError(f"checkpoint: not found: {p} (give a run directory or a .safetensors file)")
     return p
