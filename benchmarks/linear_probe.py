@@ -21,21 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t0, r.stdout
+from train_speed import run  # (the same runner: a command's wall time and output, or the exit)
 
 
 def tl_dist_row(name: str, a: argparse.Namespace, *overrides: str) -> dict:

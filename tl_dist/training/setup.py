@@ -100,9 +100,9 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, listed.split, log) if main_proc else None)
     if main_proc:
         first_lines(cfg, accelerator, d, listed, meta, mp, start, log)
-    model = accelerator.unwrap_model(net)
-    return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, d.train_sampler.images_per_epoch()), step, settings,
-               state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, len(d.train), start),
+    model, epoch_images = accelerator.unwrap_model(net), d.train_sampler.images_per_epoch()  # (all, unless limited)
+    return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, epoch_images), step, settings,
+               state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, epoch_images, start),
                build_ema(cfg, model, state, log),
                HeadInputs() if keeps_val_features(cfg, model, frozen, len(d.val)) else None,
                build_feature_cache(cfg, model, d, frozen, log))
