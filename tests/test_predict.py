@@ -34,7 +34,7 @@ def test_csv_tta_and_the_per_class_count(run_dir, tiny_data, tmp_path):
     import csv
     import io
 
-    from tl_dist.commands import evaluate
+    import tl_dist
     from tl_dist.predictor import Predictor
 
     (tmp_path / "text.jpg").write_text("nope")
@@ -60,10 +60,7 @@ def test_csv_tta_and_the_per_class_count(run_dir, tiny_data, tmp_path):
     paths = sorted(str(p) for p in (tiny_data / "val").rglob("*.jpg"))
     p = Predictor.from_checkpoint(run_dir, device="cpu")
     flipped = p.predict(paths, tta=True)
-    m = evaluate._evaluate(__import__("argparse").Namespace(
-        data_dir=str(tiny_data), checkpoint=str(run_dir), split="val", out=str(tmp_path / "ev"), force=False,
-        trust_code=False, json=False, tta="flip", thresholds=None, tune_thresholds=False, batch_size=None,
-        skip_bad_images=False, device="cpu"), quiet=True)
+    m = tl_dist.evaluate(tiny_data, run_dir, split="val", out=tmp_path / "ev", tta=True, device="cpu")
     right = sum(r["label"] == r["path"].split("/")[-2] for r in flipped) / len(paths)
     assert right == m["tta_flip"]["accuracy"]
 

@@ -10,7 +10,6 @@ the config or the data raises ``tl_dist.UserError`` with the one-line message th
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,15 +59,16 @@ def evaluate(data_dir: str | Path, checkpoint: str | Path, *, split: str | None 
              device: str = "auto", trust_code: bool = False) -> dict:
     """Measure a checkpoint as ``tl-dist evaluate`` does (its files in ``out``, default
     RUN/eval_<split>); returns what metrics.json holds."""
-    from tl_dist.commands.evaluate import _evaluate
+    from tl_dist.commands.evaluate import _evaluate, parse_args
     from tl_dist.distributed import reset_state
 
-    args = argparse.Namespace(data_dir=str(data_dir), checkpoint=str(checkpoint), split=split,
-                              out=None if out is None else str(out), force=force, trust_code=trust_code, json=False,
-                              tta="flip" if tta else None, thresholds=None if thresholds is None else str(thresholds),
-                              tune_thresholds=tune_thresholds, batch_size=batch_size, skip_bad_images=skip_bad_images,
-                              device=device)
+    options = {"--split": split, "--out": out, "--thresholds": thresholds, "--batch-size": batch_size,
+               "--device": device, "--tta": "flip" if tta else None}
+    flags = {"--tune-thresholds": tune_thresholds, "--skip-bad-images": skip_bad_images, "--force": force,
+             "--trust-code": trust_code}
+    argv = [str(data_dir), "--checkpoint", str(checkpoint),
+            *[x for k, v in options.items() if v is not None for x in (k, str(v))], *[k for k, v in flags.items() if v]]
     try:
-        return _evaluate(args, quiet=True)
+        return _evaluate(parse_args(argv, "tl_dist.evaluate"), quiet=True)
     finally:
         reset_state()

@@ -92,3 +92,23 @@ def most_confused(confusion, classes: list[str], most: int = 10) -> list[dict]:
 def confused_line(pairs: list[dict]) -> str:
     """The pairs in one line, for the console: ``ants -> bees 3, bees -> ants 1``."""
     return ", ".join(f"{p['true']} -> {p['predicted']} {p['count']}" for p in pairs) or "none"
+
+
+def class_scores(confusion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Precision, recall, F1 and support of each class from a [true, predicted] confusion matrix
+    (float64; 0 where a class was never predicted or never present)."""
+    c = torch.as_tensor(confusion)
+    tp = c.diag().double()
+    support, predicted = c.sum(1).double(), c.sum(0).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
+                     torch.zeros_like(tp))
+    return precision, recall, f1, support
+
+
+def per_class(confusion, classes: list[str]) -> list[dict]:
+    """``class_scores`` as one dict per class: class, precision, recall, f1, support."""
+    precision, recall, f1, support = class_scores(confusion)
+    return [{"class": name, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+             "support": int(support[i])} for i, name in enumerate(classes)]

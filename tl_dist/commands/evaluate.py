@@ -35,7 +35,7 @@ ECE_BINS = 15
 # ----------------------------------------------------------------------------- metrics (pure)
 
 def classification_metrics(logits, labels, classes: list[str], batch: int = 64, top_k: int = 5) -> dict:
-    from tl_dist.metrics import most_confused
+    from tl_dist.metrics import class_scores, most_confused, per_class
 
     """Every number evaluate reports, from the logits (float, N x C) and true labels (N,).
 
@@ -49,12 +49,7 @@ def classification_metrics(logits, labels, classes: list[str], batch: int = 64, 
     confusion = torch.bincount(labels * c + pred, minlength=c * c).reshape(c, c)
     k = min(top_k, c)
     topk = logits.topk(k, 1).indices.eq(labels[:, None]).any(1).double().mean().item()
-    tp = confusion.diag().double()
-    support, predicted = confusion.sum(1).double(), confusion.sum(0).double()
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
-                     torch.zeros_like(tp))
+    precision, recall, f1, support = class_scores(confusion)
     present = support > 0  # classes of the checkpoint this folder has
     weights = support / support.sum()
 
@@ -67,8 +62,7 @@ def classification_metrics(logits, labels, classes: list[str], batch: int = 64, 
         "n": n, "accuracy": correct.mean().item(), f"top{k}_accuracy": topk,
         "loss": loss_of(logits, labels, batch) / max(1, n),
         "ece": ece,
-        "per_class": [{"class": name, "precision": float(precision[i]), "recall": float(recall[i]),
-                       "f1": float(f1[i]), "support": int(support[i])} for i, name in enumerate(classes)],
+        "per_class": per_class(confusion, classes),
         "macro_avg": {m: avg(v, present.double()) for m, v in (("precision", precision), ("recall", recall),
                                                                 ("f1", f1))},
         "weighted_avg": {m: avg(v, weights) for m, v in (("precision", precision), ("recall", recall), ("f1", f1))},
@@ -323,7 +317,8 @@ def summary(metrics: dict, tta: dict | None, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> int:
+def parse_args(argv: Sequence[str], prog: str = "tl-dist evaluate") -> argparse.Namespace:
+    """The command line's options (the Python API builds its call through here too)."""
     p = argparse.ArgumentParser(prog=prog, description="Measure a checkpoint on a labelled ImageFolder split.")
     p.add_argument("data_dir", help="a split folder (class sub-folders) or a root holding --split")
     p.add_argument("--checkpoint", "-c", required=True, help="run directory (its best.safetensors), a .safetensors, "
@@ -341,7 +336,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> i
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval batch)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "tl-dist evaluate") -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     try:
         _evaluate(args)
         return 0

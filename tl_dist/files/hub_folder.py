@@ -15,6 +15,7 @@ import yaml
 
 from tl_dist.errors import UserError, printable
 from tl_dist.files import atomic, checkpoint, resume_file
+from tl_dist.metrics import per_class
 
 PICTURES = ("curves.png", "confusion_matrix.png", "val_predictions.png")
 MARKER = "tl_dist_export.json"  # says the folder is ours to replace
@@ -42,18 +43,6 @@ def config_json(meta: dict) -> dict:
     return out
 
 
-def per_class(confusion, classes: list[str]) -> list[dict]:
-    """Precision, recall, F1 and support of each class from the best epoch's confusion matrix."""
-    rows = []
-    for i, name in enumerate(classes):
-        tp = float(confusion[i][i])
-        support, predicted = float(sum(confusion[i])), float(sum(r[i] for r in confusion))
-        p, r = (tp / predicted if predicted else 0.0), (tp / support if support else 0.0)
-        rows.append({"class": name, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
-                     "support": int(support)})
-    return rows
-
-
 def card(meta: dict, name: str, confusion, pictures: list[str]) -> str:
     """The model card: what the model is, its validation results, how it was trained, how to use it."""
     arch, classes, cfg = meta["arch"], meta["classes"], meta.get("config", {})
@@ -77,7 +66,7 @@ def card(meta: dict, name: str, confusion, pictures: list[str]) -> str:
     if confusion is not None:
         lines += ["", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
         lines += [f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
-                  for r in per_class(confusion, classes)]
+                  for r in per_class(confusion, classes)]  # (tl-dist evaluate's own per-class numbers)
     lines += ["", "These are the numbers on the run's own validation images, the ones that chose the best epoch; "
               "measure the model on images it has never seen before relying on it.", ""]
     lines += [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in pictures]
@@ -109,7 +98,7 @@ def write(ckpt: Path, out: Path, force: bool = False) -> list[Path]:
     confusion = None
     if (run / "resume.pt").is_file():  # (the best epoch's confusion matrix: per-class results)
         best = resume_file.load_state(run / "resume.pt").get("best_confusion")
-        confusion = best.tolist() if best is not None and meta.get("task") != "multi_label" else None
+        confusion = best if best is not None and meta.get("task") != "multi_label" else None
     pictures = [p for p in PICTURES if (run / p).is_file()]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
