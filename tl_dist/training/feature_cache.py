@@ -103,10 +103,6 @@ class FeatureCache:
         self.known = torch.zeros(n, dtype=torch.bool)
         self.known[idx[real]] = True
 
-    def clear(self) -> None:
-        self.table = self.known = None
-        self._seen = []
-
     def nbytes(self) -> int:
         return 0 if self.table is None else self.table.numel() * self.table.element_size()
 
