@@ -7,6 +7,7 @@
     tl-dist evaluate DATA_DIR --checkpoint RUN          metrics, confusion, calibration, top losses
     tl-dist export RUN [--format onnx|torchscript|exported|hf]  a file other runtimes load, self-checked
     tl-dist push RUN --repo USER/NAME                   publish the run on the Hugging Face Hub, with a model card
+    tl-dist data shard SRC OUT [--shard-size 1GB]       image files -> WebDataset tar shards (data.format=wds)
     tl-dist runs [DIR] [--json]                         the runs under DIR (runs/) and how they stand
     tl-dist doctor [--json]                             environment and a self-test of every feature
 
@@ -32,6 +33,7 @@ COMMANDS = {
                                           "is kept; or as a folder to publish (hf)"),
     "push": ("tl_dist.commands.push", "publish a run on the Hugging Face Hub: weights, config, a model card"),
     "runs": ("tl_dist.commands.runs", "the runs under a folder (runs/): arch, epochs, best val acc, status, size"),
+    "data": ("tl_dist.commands.data", "convert image folders or a labels file to WebDataset shards; index shards"),
     "doctor": ("tl_dist.commands.doctor", "this machine's environment, and a self-test of every feature it can run"),
 }
 

@@ -37,6 +37,15 @@ def _key(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
 class DataConfig:
     root: str = _key("data/hymenoptera_data", "folder holding train/ and val/, one sub-folder per class; or one "
                      "folder of class sub-folders (with val_split); or the images of a labels file")
+    format: str = _key("files", "how the images are stored: files (image files: train/ and val/ class folders, one "
+                        "folder with val_split, or a labels file), wds (WebDataset tar shards under root) or hf (a "
+                        "Hugging Face dataset: a save_to_disk folder, Parquet / Arrow files, or a Hub name)",
+                        ("files", "wds", "hf"))
+    train_shards: str = _key("train-*.tar", "wds: the train shards under root (a glob, or braces: "
+                             "train-{000000..000099}.tar)")
+    val_shards: str = _key("val-*.tar", "wds: the val shards (none there: set val_split to draw val from train's)")
+    test_shards: str = _key("test-*.tar", "wds: the test shards (tl-dist evaluate --split test), if any")
+    image_column: str = _key("image", "hf: the column with the image")
     demo: bool = _key(False, "generate the synthetic demo set into root (a missing or empty folder) if not there")
     val_split: float = _key(0.0, "the share of each class's images made into val (0 = root's val/ folder, or the "
                             "labels file's split column); drawn from split_seed, recorded in split.json")
@@ -46,11 +55,13 @@ class DataConfig:
     labels: str | None = _key(None, "a labels file under root (CSV with a header, or JSON Lines): one row per image "
                               "with its path (relative to root), its label and optionally its split")
     path_column: str = _key("path", "labels file: the column with the image's path")
-    label_column: str = _key("label", "labels file: the column with the image's class")
+    label_column: str = _key("label", "labels file and hf: the column with the image's class (a list of classes: "
+                             "multi_label)")
     split_column: str = _key("split", "labels file: the column with train / val / test, if it has one")
-    classes: list[str] | None = _key(None, "labels file: the class names in the order of the head's outputs; null = "
-                                     "the labels found, sorted")
-    label_delimiter: str | None = _key(None, "labels file: the separator of several labels per image, e.g. ';' (the "
+    classes: list[str] | None = _key(None, "labels file, wds and hf: the class names in the order of the head's "
+                                     "outputs; null = the dataset's (ClassLabel, classes.txt) or the labels found, "
+                                     "sorted")
+    label_delimiter: str | None = _key(None, "labels file and wds txt labels: the separator of several labels per image, e.g. ';' (the "
                                        "task is then multi_label; a JSON list in a row does the same)")
     image_size: int | None = _key(None, "RandomResizedCrop / CenterCrop size; null = the size the model's weights "
                                   "were trained at (224 for resnet18)")
@@ -254,6 +265,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1 (e.g. 0.1)"),
     "data.split_seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32-1"),
     "data.labels": (lambda v: v is None or v.strip() != "", "a file path under data.root, or null"),
+    "data.train_shards": (lambda v: v.strip() != "", "a file name pattern under data.root (train-*.tar)"),
+    "data.val_shards": (lambda v: v.strip() != "", "a file name pattern under data.root (val-*.tar)"),
+    "data.test_shards": (lambda v: v.strip() != "", "a file name pattern under data.root (test-*.tar)"),
+    "data.image_column": (lambda v: v.strip() != "", "a column name"),
     "data.path_column": (lambda v: v.strip() != "", "a column name"),
     "data.label_column": (lambda v: v.strip() != "", "a column name"),
     "data.split_column": (lambda v: v.strip() != "", "a column name"),
@@ -282,15 +297,22 @@ def validate(cfg: Config, source: str) -> None:
     if d.test_split > 0 and d.val_split == 0:
         raise UserError(f"config: data.test_split needs data.val_split too: both parts are drawn from the same "
                         f"images (in {source})")
-    if d.label_delimiter is not None and not d.labels:
-        raise UserError(f"config: data.label_delimiter applies to a labels file (data.labels) (in {source})")
+    if d.label_delimiter is not None and not d.labels and d.format != "wds":
+        raise UserError(f"config: data.label_delimiter applies to a labels file (data.labels) and to shards' txt "
+                        f"labels (data.format=wds) (in {source})")
+    if d.format != "files" and d.labels:
+        raise UserError(f"config: data.labels is a labels file of image files; data.format={d.format} keeps the "
+                        f"labels in the {'shards' if d.format == 'wds' else 'dataset'}: set data.labels=null "
+                        f"(in {source})")
+    if d.format != "files" and d.demo:
+        raise UserError(f"config: data.demo generates image files; set data.format=files (in {source})")
     if cfg.train.task != "multi_label" and cfg.train.select_best_by in ("map", "micro_f1") \
             and cfg.train.task is not None:
         raise UserError(f"config: train.select_best_by={cfg.train.select_best_by} is a multi_label metric; "
                         f"train.task is {cfg.train.task} (in {source})")
-    if d.classes is not None and not d.labels:
-        raise UserError(f"config: data.classes applies to a labels file (data.labels); class folders name the "
-                        f"classes themselves (in {source})")
+    if d.classes is not None and not d.labels and d.format == "files":
+        raise UserError(f"config: data.classes applies to a labels file (data.labels), shards and datasets; class "
+                        f"folders name the classes themselves (in {source})")
     m = cfg.model
     if m.mode == "frozen_then_finetune":
         if m.unfreeze_epoch is None:

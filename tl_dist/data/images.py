@@ -1,6 +1,7 @@
 """Reading image files: decode to RGB, and check files before training (headers only, in parallel)."""
 from __future__ import annotations
 
+import io
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -121,12 +122,60 @@ def _open(path: str) -> Iterator[Image.Image]:
 def load_rgb(path: str) -> Image.Image:
     """Decode ``path`` fully into an RGB image (EXIF rotation applied); BadImage on any failure."""
     with _open(path) as img:
-        try:
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            return to_rgb(img)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadImage(f"{path}: cannot decode: {e}") from None
+        return _decoded(img, path)
+
+
+def _decoded(img: Image.Image, name: str) -> Image.Image:
+    try:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"{name}: cannot decode: {e}") from None
+
+
+@contextmanager
+def _open_bytes(data: bytes, name: str) -> Iterator[Image.Image]:
+    """Image.open on an image held in memory (a shard member, a dataset row), failures as BadImage
+    naming ``name``; the same pixel limit as files."""
+    if not data:
+        raise BadImage(f"{name}: empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{name}: too many pixels (decompression bomb?): {e}") from None
+    except (Image.UnidentifiedImageError, OSError):
+        raise BadImage(f"{name}: not an image (Pillow cannot identify it)") from None
+    with img:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise BadImage(f"{name}: too many pixels (decompression bomb?): {img.width}x{img.height} "
+                           f"is over Pillow's limit of {limit}")
+        yield img
+
+
+def decode_bytes(data: bytes, name: str) -> Image.Image:
+    """``load_rgb`` for an encoded image held in memory; ``name`` says where it came from."""
+    with _open_bytes(data, name) as img:
+        return _decoded(img, name)
+
+
+def inspect_bytes(data: bytes, name: str) -> tuple[int, int, int]:
+    """``inspect_file`` for an encoded image held in memory: (width, height, bytes)."""
+    with _open_bytes(data, name) as img:
+        fmt, wh = img.format, img.size
+    _check_end(fmt, wh, data[-1024:], name)
+    return wh[0], wh[1], len(data)
+
+
+def _check_end(fmt: str | None, wh: tuple[int, int], tail: bytes, name: str) -> None:
+    if wh[0] <= 0 or wh[1] <= 0:
+        raise BadImage(f"{name}: image has no pixels ({wh[0]}x{wh[1]})")
+    # A truncated file keeps its header; its end-of-stream marker is what goes missing.
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise BadImage(f"{name}: truncated JPEG (no end-of-image marker)")
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise BadImage(f"{name}: truncated PNG (no IEND chunk)")
 
 
 def check_file(path: str) -> tuple[int, int]:
@@ -148,19 +197,13 @@ def inspect_file(path: str) -> tuple[int, int, int]:
         raise BadImage(f"{path}: empty file (0 bytes)")
     with _open(path) as img:
         fmt, wh = img.format, img.size
-    if wh[0] <= 0 or wh[1] <= 0:
-        raise BadImage(f"{path}: image has no pixels ({wh[0]}x{wh[1]})")
-    # A truncated file keeps its header; its end-of-stream marker is what goes missing.
     try:
         with open(path, "rb") as f:
             f.seek(max(0, size - 1024))
             tail = f.read()
     except OSError as e:
         raise BadImage(f"{path}: unreadable: {e.strerror}") from None
-    if fmt == "JPEG" and b"\xff\xd9" not in tail:
-        raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
-    if fmt == "PNG" and b"IEND" not in tail:
-        raise BadImage(f"{path}: truncated PNG (no IEND chunk)")
+    _check_end(fmt, wh, tail, path)
     return wh[0], wh[1], size
 
 
@@ -171,14 +214,16 @@ class ScanReport:
     bad: dict[str, str] = field(default_factory=dict)  # path -> reason
 
 
-def scan_files(paths: list[str], workers: int | None = None) -> ScanReport:
-    """Check every file in parallel (I/O-bound: threads); the report lists each bad path with why."""
+def scan_files(paths: list[str], workers: int | None = None,
+               inspect: Callable[[str], tuple[int, int, int]] = inspect_file) -> ScanReport:
+    """Check every file (or, with ``inspect``, every sample of another source) in parallel
+    (I/O-bound: threads); the report lists each bad one with why."""
     report = ScanReport()
     workers = workers or min(32, (os.cpu_count() or 1) * 4)
 
     def one(p: str):
         try:
-            return p, inspect_file(p), None
+            return p, inspect(p), None
         except BadImage as e:
             return p, None, str(e)
 
@@ -191,16 +236,42 @@ def scan_files(paths: list[str], workers: int | None = None) -> ScanReport:
     return report
 
 
+class Files:
+    """The samples are image files: a sample's name is its path. Other sources (tar shards, a
+    Hugging Face dataset) have the same three members, so the loaders and the scan take any of them."""
+    scan_limit: int | None = None  # every file is checked before training, however many
+
+    def load(self, name: str) -> Image.Image:
+        return load_rgb(name)
+
+    def inspect(self, name: str) -> tuple[int, int, int]:
+        return inspect_file(name)
+
+
+FILES = Files()
+SAMPLED = 256  # where a source is too large to check ahead, the images whose sizes guide the cache
+
+
 SKIP_BAD_IMAGES = "set data.skip_bad_images=true"  # how a training config leaves bad files out
 
 
 def screen_files(paths: list[str], where: str, skip: bool, how_to_skip: str, warn: Callable[[str], None],
-                 who: str = "data", lines: Callable[[list[str]], dict[str, str]] | None = None) -> ScanReport:
+                 who: str = "data", lines: Callable[[list[str]], dict[str, str]] | None = None,
+                 reader: Files = FILES, known_bad: dict[str, str] | None = None) -> ScanReport:
     """The bad-image rule, one for training, lr-find and evaluate: scan ``paths``; bad files stop
     the command with one line listing them, unless ``skip`` (the user's ``how_to_skip``), when they
     are left out with a warning. The report says which. ``lines`` names where a path came from (a
-    labels file's line), for the message."""
-    report = scan_files(paths)
+    labels file's line), for the message. ``known_bad``: samples the source's index already found
+    unusable (a shard member without a label, ...), under the same rule.
+
+    A source with a ``scan_limit`` (shards, datasets: read as a stream of bytes, not file by file)
+    checks every image up to that many; above it, a spread sample for the sizes, and the rest are
+    checked as they are decoded (a failure stops the run at the end of that epoch, or is left out
+    with ``skip``, as for a file that changes after the scan)."""
+    limit = reader.scan_limit
+    todo = paths if limit is None or len(paths) <= limit else paths[::max(1, len(paths) // SAMPLED)]
+    report = scan_files(todo, inspect=reader.inspect)
+    report.bad.update(known_bad or {})
     if report.bad:
         named = lines(list(report.bad)) if lines else {}
         listing = first_few([f"{named[p]}: {why}" if p in named else why for p, why in report.bad.items()], 10)

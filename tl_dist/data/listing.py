@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tl_dist.config import DataConfig
 from tl_dist.data import labels_file, splits
-from tl_dist.data.images import IMAGE_EXTENSIONS, list_images
+from tl_dist.data.images import FILES, IMAGE_EXTENSIONS, Files, list_images
 from tl_dist.errors import UserError, printable
 
 Sample = tuple[str, "int | tuple[int, ...]"]  # (path, class index; with several labels per image, the indices)
@@ -88,6 +88,8 @@ class DataSet:
     rows: labels_file.Rows | None = None  # the labels file's rows (their line numbers name bad files)
     root: str = ""
     multi_label: bool = False  # several labels per image (each sample's label a tuple of class indices)
+    reader: Files = FILES  # where the samples' images come from: files, tar shards, a dataset's rows
+    bad: dict[str, str] = field(default_factory=dict)  # samples the source's index found unusable, and why
 
     def as_multi_label(self) -> None:
         """Every label as a set of one (train.task=multi_label on data with one label per image)."""
@@ -107,7 +109,14 @@ class DataSet:
 def list_data(cfg: DataConfig, recorded: dict | None = None) -> DataSet:
     """The data set ``cfg`` describes: train/ and val/ folders, one folder of class folders split by
     data.val_split, or a labels file (with a split column, or split by data.val_split). Where the
-    parts are drawn, ``recorded`` (an earlier segment's split.json) is kept instead of a new draw."""
+    parts are drawn, ``recorded`` (an earlier segment's split.json) is kept instead of a new draw.
+    data.format=wds and hf: tar shards and a Hugging Face dataset (their own modules)."""
+    if cfg.format == "wds":
+        from tl_dist.data import shards
+        return shards.list_shards(cfg, recorded)
+    if cfg.format == "hf":
+        from tl_dist.data import hf_dataset
+        return hf_dataset.list_dataset(cfg, recorded)
     r = data_root(cfg.root)
     if cfg.labels:
         return _from_labels_file(cfg, r, recorded)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tl_dist.data.augment import eval_transform, fixed_train_transform, host_only, sample_rng, train_transform
 from tl_dist.config import DataConfig
 from tl_dist.data import device_cache, targets
-from tl_dist.data.images import BadImage, load_rgb
+from tl_dist.data.images import FILES, BadImage, Files
 from tl_dist.data.listing import Sample
 from tl_dist.data.samplers import EvalBatchSampler, TrainBatchSampler, eval_batch_size, eval_count
 
@@ -36,8 +36,9 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], cfg: DataConfig, train: bool, seed: int,
-                 cache: dict[int, object] | None = None, num_classes: int = 0):
+                 cache: dict[int, object] | None = None, num_classes: int = 0, reader: Files = FILES):
         self.samples, self.cfg, self.train, self.seed = samples, cfg, train, seed
+        self.reader = reader  # image files, tar shards or a dataset's rows
         self.cache = cache or {}
         self.num_classes = num_classes  # (the length of a multi-hot label)
         self.multi_label = bool(samples) and isinstance(samples[0][1], tuple)
@@ -47,7 +48,7 @@ class ImageDataset(Dataset):
 
     def _decoded(self, index: int) -> Image.Image:
         hit = self.cache.get(index)
-        return hit if hit is not None else load_rgb(self.samples[index][0])
+        return hit if hit is not None else self.reader.load(self.samples[index][0])
 
     @property
     def fixed(self) -> bool:
@@ -146,11 +147,12 @@ def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, 
 def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sample], *,
           seed: int, world: int = 1, rank: int = 0, device: torch.device = torch.device("cpu"),
           sizes: dict[str, tuple[int, int]] | None = None, limit_train: float | None = None,
-          limit_val: float | None = None) -> Data:
+          limit_val: float | None = None, reader: Files = FILES) -> Data:
     """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply.
-    ``limit_train`` / ``limit_val``: train.limit_*_batches (the epochs' first global batches)."""
-    train_ds = ImageDataset(train, cfg, train=True, seed=seed, num_classes=len(classes))
-    val_ds = ImageDataset(val, cfg, train=False, seed=seed, num_classes=len(classes))
+    ``limit_train`` / ``limit_val``: train.limit_*_batches (the epochs' first global batches).
+    ``reader``: where the samples' images come from (files, shards, a dataset)."""
+    train_ds = ImageDataset(train, cfg, train=True, seed=seed, num_classes=len(classes), reader=reader)
+    val_ds = ImageDataset(val, cfg, train=False, seed=seed, num_classes=len(classes), reader=reader)
     place = cache_place(cfg, train, val, sizes, device)
     threads = os.cpu_count() or 1
     warning = None

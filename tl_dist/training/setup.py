@@ -175,7 +175,7 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[Config, loaders.Data, d
     d = agree(accelerator, loaders.build, cfg.data, data.classes, data.train, data.val, seed=cfg.train.seed,
               world=accelerator.num_processes, rank=accelerator.process_index,
               device=accelerator.device, sizes=report.sizes, limit_train=cfg.train.limit_train_batches,
-              limit_val=cfg.train.limit_val_batches)
+              limit_val=cfg.train.limit_val_batches, reader=data.reader)
     if d.warning:
         log(d.warning)
     return cfg, d, fingerprint, data
@@ -193,9 +193,14 @@ def scan_split_files(cfg: Config, data: listing.DataSet, log) -> ScanReport:
     read); stops the run on bad files unless told to skip them."""
     t0, warnings = time.perf_counter(), []
     train, val = data.train, data.val
-    report = screen_files([p for p, _ in train + val], cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES,
-                          warnings.append, lines=data.line_numbers if data.rows is not None else None)
-    log(f"checked {len(train) + len(val)} image files in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
+    every = [p for p, _ in train + val]
+    report = screen_files(every, cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES, warnings.append,
+                          lines=data.line_numbers if data.rows is not None else None, reader=data.reader,
+                          known_bad={p: why for p, why in data.bad.items()})
+    limit = data.reader.scan_limit
+    checked = f"checked {len(every)} images" if limit is None or len(every) <= limit else \
+        f"checked a sample of {len(report.sizes)} of {len(every)} images (the rest as they are decoded)"
+    log(f"{checked} in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")
     for line in warnings:
         log(line)
     if report.bad:
