@@ -102,8 +102,7 @@ def shard(args) -> int:
     print(f"checked {len(listing_check)} image files in {time.perf_counter() - t0:.1f}s; writing "
           f"{', '.join(f'{len(v)} {k}' for k, v in parts.items() if v)} into {printable(out)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    if not multi:
-        shard_writer.write_classes(out, classes)
+    shard_writer.write_classes(out, classes)
     total = sum(len(v) for v in parts.values())
     written = []
     with tqdm(total=total, unit="img", file=sys.stderr, disable=None) as bar:

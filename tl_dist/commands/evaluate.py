@@ -168,10 +168,12 @@ def list_labelled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     return [(path, index[found[ci]]) for path, ci in samples]
 
 
-def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bool, channels_last: bool):
+def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bool, channels_last: bool,
+               load=None):
     """(logits, mirrored-image logits or None) for ``paths[indices]``, batch by batch, in the memory
     format the run evaluated in (other convolution kernels would change the last bits). An exported
-    file runs in its own runtime, on the same images."""
+    file runs in its own runtime, on the same images. ``load``: a sample's image by its name where
+    the samples are not files (shards, a dataset's rows)."""
     import torch
 
     from tl_dist.data.augment import normalize
@@ -190,7 +192,8 @@ def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bo
     plain, mirrored = [], []
     with ThreadPoolExecutor(8) as pool:
         for s in range(indices.start, indices.stop, batch):
-            images = torch.stack(list(pool.map(predictor.eval_tensor, paths[s:min(s + batch, indices.stop)])))
+            images = torch.stack(list(pool.map(lambda p: predictor.eval_tensor(load(p) if load else p),
+                                               paths[s:min(s + batch, indices.stop)])))
             plain.append(forward(images))
             if flip:
                 mirrored.append(forward(images.flip(-1)))
@@ -199,8 +202,8 @@ def logits_for(predictor, paths: list[str], indices: range, batch: int, flip: bo
 
 
 # The data keys that decide a run's parts: evaluate rebuilds them from the checkpoint's config.
-PART_KEYS = ("val_split", "test_split", "split_seed", "labels", "path_column", "label_column", "split_column",
-             "classes", "label_delimiter")
+PART_KEYS = ("format", "train_shards", "val_shards", "test_shards", "image_column", "val_split", "test_split",
+             "split_seed", "labels", "path_column", "label_column", "split_column", "classes", "label_delimiter")
 
 
 def run_data_set(ckpt: Path, meta: dict, data_dir: Path):
@@ -211,7 +214,8 @@ def run_data_set(ckpt: Path, meta: dict, data_dir: Path):
     from tl_dist.files import run_dir
 
     run = meta.get("config", {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
-    if not isinstance(run, dict) or not (run.get("labels") or run.get("val_split")):
+    if not isinstance(run, dict) or not (run.get("labels") or run.get("val_split")
+                                         or run.get("format", "files") != "files"):
         return None
     cfg = config.Config()
     for key in PART_KEYS:
@@ -247,7 +251,7 @@ def run_part(data, part: str, classes: list[str], ckpt: Path) -> list[tuple[str,
 # ----------------------------------------------------------------------------- outputs
 
 def write_outputs(out: Path, metrics: dict, paths: list[str], labels, logits, classes: list[str],
-                  predictor, tta: dict | None) -> None:
+                  predictor, tta: dict | None, load=None) -> None:
     from tl_dist.files import atomic
     from tl_dist import visualize
 
@@ -266,11 +270,11 @@ def write_outputs(out: Path, metrics: dict, paths: list[str], labels, logits, cl
                     out / "confusion_matrix.png")
     visualize.drawn(visualize.reliability, reliability_bins(logits, labels), metrics["ece"], out / "reliability.png")
     def top_losses_png(path: Path) -> None:
-        visualize.top_losses(top_losses(paths, labels, logits, classes, predictor), path)
+        visualize.top_losses(top_losses(paths, labels, logits, classes, predictor, load=load), path)
     visualize.drawn(top_losses_png, out / "top_losses.png")
 
 
-def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least: int = 8) -> list:
+def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least: int = 8, load=None) -> list:
     """The images the model is most confidently wrong about (fastai's plot_top_losses), highest loss
     first, up to ``most``; with fewer than ``least`` wrong, the highest-loss right ones fill up to it."""
     import torch.nn.functional as F
@@ -283,7 +287,7 @@ def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least:
     items = []
     for i in chosen:
         k = int(probs[i].argmax())
-        items.append((predictor.eval_tensor(paths[i]), f"{Path(paths[i]).name}\ntrue: {classes[labels[i]]}\n"
+        items.append((predictor.eval_tensor(load(paths[i]) if load else paths[i]), f"{Path(paths[i]).name}\ntrue: {classes[labels[i]]}\n"
                       f"pred: {classes[k]} ({probs[i, k]:.2f}), loss {max(0.0, float(losses[i])):.2f}",
                       k == int(labels[i])))
     return items
@@ -359,7 +363,7 @@ def _evaluate(args, quiet: bool = False) -> dict | None:
     from tl_dist import distributed
     from tl_dist.config import ModelConfig
     from tl_dist.files.exported import format_of
-    from tl_dist.data.images import screen_files
+    from tl_dist.data.images import FILES, screen_files
     from tl_dist.models.backbones import uses_channels_last
     from tl_dist.predictor import Predictor
     from tl_dist.data import targets
@@ -387,9 +391,12 @@ def _evaluate(args, quiet: bool = False) -> dict | None:
     classes = predictor.classes
     samples = list_labelled(folder, classes) if run_data is None else run_part(run_data, part, classes, ckpt)
     lines = run_data.line_numbers if run_data is not None and run_data.rows is not None else None
+    reader = run_data.reader if run_data is not None else FILES
+    load = reader.load if reader is not FILES else None
     report = distributed.on_main_then_share(acc, lambda: screen_files(
         [s for s, _ in samples], str(folder), args.skip_bad_images, "pass --skip-bad-images",
-        lambda line: print(printable(line), file=sys.stderr), who="evaluate", lines=lines))  # (rank 0 scans and says)
+        lambda line: print(printable(line), file=sys.stderr), who="evaluate", lines=lines,
+        reader=reader))  # (rank 0 scans and says)
     samples = [s for s in samples if s[0] not in report.bad]
     cfg = predictor.meta.get("config", {}).get("data", {})
     batch = args.batch_size or eval_batch_size(cfg.get("eval_batch_size"), cfg.get("batch_size", 4))
@@ -404,7 +411,7 @@ def _evaluate(args, quiet: bool = False) -> dict | None:
     run_model = predictor.meta.get("config", {}).get("model", {})
     channels_last = bool(run_model.get("channels_last")) and uses_channels_last(
         ModelConfig(arch=predictor.meta["arch"], channels_last=True))
-    part = logits_for(predictor, paths, mine, batch, flip=args.tta == "flip", channels_last=channels_last)
+    part = logits_for(predictor, paths, mine, batch, flip=args.tta == "flip", channels_last=channels_last, load=load)
     parts = distributed.gather_objects(acc, part)
     if not acc.is_main_process:
         return None
@@ -428,7 +435,7 @@ def _evaluate(args, quiet: bool = False) -> dict | None:
     if args.tta:
         tta = classification_metrics((logits + torch.cat([b for _, b in parts])) / 2, labels, classes, batch)
         tta.pop("per_class")
-    write_outputs(out, metrics, paths, labels, logits, classes, predictor, tta)
+    write_outputs(out, metrics, paths, labels, logits, classes, predictor, tta, load=load)
     written = {**metrics, **({"tta_flip": tta} if tta else {})}
     if args.json:
         print(json.dumps(written, allow_nan=False))

@@ -87,7 +87,8 @@ def draw(data, cfg: config.Config, path: Path, per_class: int) -> None:
     from tl_dist.data.loaders import ImageDataset
     from tl_dist.visualize import grid
 
-    ds = ImageDataset(data.train, cfg.data, train=True, seed=cfg.train.seed, num_classes=len(data.classes))
+    ds = ImageDataset(data.train, cfg.data, train=True, seed=cfg.train.seed, num_classes=len(data.classes),
+                      reader=data.reader)
     first: dict[int, int] = {}
     for i, (_, y) in enumerate(data.train):
         for c in (y if isinstance(y, tuple) else (y,)):
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist preview") -> in
 
 
 def _preview(cfg: config.Config, args: argparse.Namespace) -> int:
-    from tl_dist.data.images import scan_files
+    from tl_dist.data.images import SAMPLED, scan_files
     from tl_dist.data.listing import list_data
     from tl_dist.files.outputs import refuse_foreign
     from tl_dist.models.backbones import resolve
@@ -136,7 +137,11 @@ def _preview(cfg: config.Config, args: argparse.Namespace) -> int:
         raise UserError(f"preview: the demo set is not generated yet in {cfg.data.root}; tl-dist train "
                         f"makes it on first use (or point data.root at your data)")
     data = list_data(cfg.data, None)
-    report = scan_files([p for p, _ in data.train + data.val])
+    every = [p for p, _ in data.train + data.val]
+    limit = data.reader.scan_limit  # (shards, datasets: a spread sample past the limit, as training checks)
+    report = scan_files(every if limit is None or len(every) <= limit else every[::len(every) // SAMPLED],
+                        inspect=data.reader.inspect)
+    report.bad.update(data.bad)
     for line in summary_lines(data, report, cfg) + notes(data, cfg):
         print(line, flush=True)
     bad = set(report.bad)

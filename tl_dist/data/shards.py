@@ -359,6 +359,10 @@ def list_shards(cfg: DataConfig, recorded: dict | None = None):
                 noted[f"{shard}/{key}" if key else str(shard)] = f"{display(f'{shard}/{key}')}: {why}"
             for key, _ext, off, size, raw in idx["samples"]:
                 label = label_names(raw, cfg, classes)
+                if classes is None and isinstance(raw, int) and not isinstance(raw, bool):
+                    raise UserError(f"data: {display(f'{shard}/{key}')}: a class index ({raw}) needs the class "
+                                    f"names: put {CLASS_LIST} beside the shards (one name a line, in index order) "
+                                    f"or set data.classes")
                 if isinstance(label, _Problem):
                     noted[f"{shard}/{key}"] = f"{display(f'{shard}/{key}')}: {label.why}"
                     continue
