@@ -301,7 +301,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(sources, tmp_path, name):
     p = subprocess.Popen([sys.executable, "-m", "tl_dist.train", *_args(sources[name], out, *over)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
+    while not (out / "resume.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
     p.send_signal(signal.SIGKILL)

@@ -87,8 +87,11 @@ class DataConfig:
     eval_batch_size: int = _key(0, "val batch per process; 0 = 8 x batch_size (no gradients, so it can be larger)")
     num_workers: int = _key(4, "loader worker processes per training process")
     cache: str = _key("auto", "where decoded images are kept: ram (host memory, PIL augmentation), device (GPU "
-                      "memory, augmented there), none, or auto (the fastest place they fit)",
-                      ("auto", "ram", "device", "none"))
+                      "memory, augmented there), disk (decoded once, resized to resize_size, memory-mapped from "
+                      "cache_dir: no JPEG decoding after the first time), none, or auto (the fastest place they "
+                      "fit; disk only where cache_dir is set)", ("auto", "ram", "device", "disk", "none"))
+    cache_dir: str | None = _key(None, "cache: disk: the folder for decoded-image caches (runs naming the same "
+                                 "folder share them); null = the run's own image_cache/")
     cache_gb: float = _key(4.0, "host memory budget per process for cache: auto (GiB)")
     device_cache_gb: float | None = _key(None, "GPU memory budget per process for cache: auto (GiB); "
                                          "null = half the GPU's memory")
@@ -269,6 +272,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.val_shards": (lambda v: v.strip() != "", "a file name pattern under data.root (val-*.tar)"),
     "data.test_shards": (lambda v: v.strip() != "", "a file name pattern under data.root (test-*.tar)"),
     "data.image_column": (lambda v: v.strip() != "", "a column name"),
+    "data.cache_dir": (lambda v: v is None or v.strip() != "", "a folder path, or null"),
     "data.path_column": (lambda v: v.strip() != "", "a column name"),
     "data.label_column": (lambda v: v.strip() != "", "a column name"),
     "data.split_column": (lambda v: v.strip() != "", "a column name"),

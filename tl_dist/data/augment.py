@@ -139,16 +139,29 @@ def erase_box(rng: random.Random, height: int, width: int) -> Box | None:
     return None
 
 
-def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig) -> torch.Tensor:
+PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def train_transform(img: Image.Image, rng: random.Random, cfg: DataConfig,
+                    drawn_on: tuple[int, int] | None = None) -> torch.Tensor:
     """The tutorial's RandomResizedCrop + RandomHorizontalFlip, then data.augment's policy and
     data.random_erasing, as uint8 CHW (ToTensor/Normalize on device). Draws in that order.
-    data.augment=none: the eval transform instead of the crop, flip and policy (erasing still applies)."""
+    data.augment=none: the eval transform instead of the crop, flip and policy (erasing still applies).
+    ``drawn_on``: the (width, height) of the original where ``img`` is a resized copy of it (the
+    disk cache): the crop is drawn on the original's size, as every other path draws it, and
+    taken from the same region of the copy."""
     if cfg.augment == "none":
         x = eval_transform(img, cfg.resize_size, cfg.image_size, cfg.interpolation)
     else:
-        (i, j, h, w), flip = train_draws(rng, img.width, img.height, cfg)
-        out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
-                             interpolation=InterpolationMode(cfg.interpolation), antialias=True)
+        width, height = drawn_on or (img.width, img.height)
+        (i, j, h, w), flip = train_draws(rng, width, height, cfg)
+        if drawn_on is not None and drawn_on != img.size:
+            sx, sy = img.width / width, img.height / height
+            out = img.resize((cfg.image_size, cfg.image_size), PIL_FILTERS[cfg.interpolation],
+                             box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+        else:
+            out = F.resized_crop(img, i, j, h, w, [cfg.image_size, cfg.image_size],
+                                 interpolation=InterpolationMode(cfg.interpolation), antialias=True)
         out = F.hflip(out) if flip else out
         for name, magnitude in policy_ops(rng, cfg.augment, cfg.image_size):
             out = tv_auto._apply_op(out, name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)

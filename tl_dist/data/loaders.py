@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from PIL import Image
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl_dist.data.augment import eval_transform, fixed_train_transform, host_only, sample_rng, train_transform
 from tl_dist.config import DataConfig
-from tl_dist.data import device_cache, targets
+from tl_dist.data import device_cache, disk_cache, targets
 from tl_dist.data.images import FILES, BadImage, Files
 from tl_dist.data.listing import Sample
 from tl_dist.data.samplers import EvalBatchSampler, TrainBatchSampler, eval_batch_size, eval_count
@@ -39,6 +40,8 @@ class ImageDataset(Dataset):
                  cache: dict[int, object] | None = None, num_classes: int = 0, reader: Files = FILES):
         self.samples, self.cfg, self.train, self.seed = samples, cfg, train, seed
         self.reader = reader  # image files, tar shards or a dataset's rows
+        self.disk: disk_cache.DiskImages | None = None  # data.cache=disk: the images, decoded and resized
+        self.disk_start = 0  # this part's first row in it
         self.cache = cache or {}
         self.num_classes = num_classes  # (the length of a multi-hot label)
         self.multi_label = bool(samples) and isinstance(samples[0][1], tuple)
@@ -59,6 +62,11 @@ class ImageDataset(Dataset):
         hit = self.cache.get(index)
         if isinstance(hit, torch.Tensor):  # a fixed transform: cached fully done
             return hit
+        if self.disk is not None and self.disk.ok(self.disk_start + index):
+            img, original = self.disk.image(self.disk_start + index)  # (resized as the eval transform resizes)
+            if self.train:
+                return train_transform(img, sample_rng(self.seed, epoch, index), self.cfg, drawn_on=original)
+            return eval_transform(img, self.cfg.resize_size, self.cfg.image_size, self.cfg.interpolation)
         if self.train:
             return train_transform(self._decoded(index), sample_rng(self.seed, epoch, index), self.cfg)
         return eval_transform(self._decoded(index), self.cfg.resize_size, self.cfg.image_size, self.cfg.interpolation)
@@ -110,6 +118,8 @@ class Data:
             return f"decoded once, kept in {device.type} memory; crop/resize/flip on {device.type} in batches"
         if self.cache == "ram":
             source = "finished crops (data.augment=none) kept in RAM" if self.train.fixed else "decoded once, kept in RAM"
+        elif self.cache == "disk":
+            source = "decoded once into the disk cache (memory-mapped, resized to data.resize_size)"
         else:
             source = "image files decoded every epoch"
         augment = "" if self.train.fixed else "PIL augment, "
@@ -131,7 +141,7 @@ def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, 
         return cfg.cache
     known = [sizes[p] for p, _ in train if p in sizes] if sizes else []
     if not known:
-        return "none"
+        return "disk" if cfg.cache_dir else "none"
     crop = 3 * cfg.image_size ** 2  # a finished crop (val; train with a fixed transform)
     train_need = len(train) * crop if fixed_train_transform(cfg) else decoded_bytes(known) * len(train) / len(known)
     need = train_need + len(val) * crop
@@ -141,16 +151,20 @@ def cache_place(cfg: DataConfig, train: list[Sample], val: list[Sample], sizes, 
         budget = cfg.device_cache_gb * 2**30 if cfg.device_cache_gb is not None else gpu_memory_bytes(device) / 2
         if need <= budget:
             return "device"
-    return "ram" if need <= cfg.cache_gb * 2**30 else "none"
+    if need <= cfg.cache_gb * 2**30:
+        return "ram"
+    return "disk" if cfg.cache_dir else "none"  # (disk only where a folder for it was named)
 
 
 def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sample], *,
           seed: int, world: int = 1, rank: int = 0, device: torch.device = torch.device("cpu"),
           sizes: dict[str, tuple[int, int]] | None = None, limit_train: float | None = None,
-          limit_val: float | None = None, reader: Files = FILES) -> Data:
+          limit_val: float | None = None, reader: Files = FILES, disk_folder: Path | None = None,
+          nbytes: dict[str, int] | None = None, log: Callable[[str], None] = print) -> Data:
     """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply.
     ``limit_train`` / ``limit_val``: train.limit_*_batches (the epochs' first global batches).
-    ``reader``: where the samples' images come from (files, shards, a dataset)."""
+    ``reader``: where the samples' images come from (files, shards, a dataset). ``disk_folder``:
+    where data.cache=disk keeps its file (``nbytes``, from the scan, name what it holds)."""
     train_ds = ImageDataset(train, cfg, train=True, seed=seed, num_classes=len(classes), reader=reader)
     val_ds = ImageDataset(val, cfg, train=False, seed=seed, num_classes=len(classes), reader=reader)
     place = cache_place(cfg, train, val, sizes, device)
@@ -162,7 +176,11 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
         place = "ram"
     if place == "ram":  # (device: decoded straight into device memory below)
         train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
-    if place != "none":
+    if place == "disk":
+        disk = disk_cache.open_or_build(disk_folder or Path("image_cache"), [p for p, _ in train + val], nbytes or {},
+                                        sizes or {}, reader.load, cfg.resize_size, cfg.interpolation, log, threads)
+        train_ds.disk, val_ds.disk, val_ds.disk_start = disk, disk, len(train)
+    if place not in ("none", "disk"):
         # The val transform is deterministic, so its cache holds finished uint8 crops (small).
         val_ds.cache = fill_cache(val_ds, list(range(len(val))), threads)
     sampler = TrainBatchSampler(len(train), cfg.batch_size, world, rank, seed,
@@ -196,7 +214,7 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     pin = device.type == "cuda"
     # Training on the CPU from the RAM cache: what is left to load is light, and loader workers
     # would only take cores from the model (docs/performance.md: 0 workers is fastest on the CPU).
-    workers = 0 if place == "ram" and not pin else cfg.num_workers
+    workers = 0 if place == "ram" and not pin else cfg.num_workers  # (disk: crops still to make, workers help)
     return Data(classes, train_ds, val_ds, _loader(train_ds, sampler, workers, pin),
                 _loader(val_ds, eval_sampler, 0 if place == "ram" else workers, pin), sampler, place, workers,
                 warning)

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -38,6 +39,23 @@ def remove_stale_temp_files(folder: Path) -> None:
                 p.unlink()
             except OSError:
                 pass  # not ours to insist on; it is only space
+
+
+ORPHAN_WAIT_S = 20  # how long a new run waits for a killed run's loader workers to let go of its lock
+
+
+def _gone(holder: str) -> bool:
+    """Whether the lock record names a process of this machine that no longer exists."""
+    try:
+        who = json.loads(holder)
+        if who["host"] != socket.gethostname():
+            return False
+        os.kill(int(who["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError, OSError):
+        return False
+    return False
 
 
 class RunLock:
@@ -75,7 +93,8 @@ class RunLock:
             except FileNotFoundError:
                 pass
         self.release()
-        if self.created:
+        if self.created:  # (the folder is this segment's: the image cache it may have built in it too)
+            shutil.rmtree(folder / "image_cache", ignore_errors=True)
             try:
                 folder.rmdir()
             except OSError:
@@ -83,6 +102,7 @@ class RunLock:
 
     def acquire(self, folder: Path) -> None:
         path = folder / self.NAME
+        patience = time.monotonic() + ORPHAN_WAIT_S
         while True:
             try:  # never through a link: the lock record would be written into whatever it points at
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -96,6 +116,11 @@ class RunLock:
             except OSError as e:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
+                if _gone(holder) and time.monotonic() < patience:
+                    # A killed run's loader workers (forked, so sharing its lock) outlive it by a few
+                    # seconds, until they notice; the run itself is gone: wait for them.
+                    time.sleep(0.2)
+                    continue
                 self._refuse(path, e, holder)
             # The holder before us removes the file as it lets go; if it did so between our open and
             # our flock, we hold a lock on a removed file: take the new one instead.

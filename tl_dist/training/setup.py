@@ -175,10 +175,16 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[Config, loaders.Data, d
     d = agree(accelerator, loaders.build, cfg.data, data.classes, data.train, data.val, seed=cfg.train.seed,
               world=accelerator.num_processes, rank=accelerator.process_index,
               device=accelerator.device, sizes=report.sizes, limit_train=cfg.train.limit_train_batches,
-              limit_val=cfg.train.limit_val_batches, reader=data.reader)
+              limit_val=cfg.train.limit_val_batches, reader=data.reader, disk_folder=image_cache_folder(cfg),
+              nbytes=report.nbytes, log=log)
     if d.warning:
         log(d.warning)
     return cfg, d, fingerprint, data
+
+
+def image_cache_folder(cfg: Config) -> Path:
+    """data.cache=disk's folder: data.cache_dir, or the run's own image_cache/."""
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path(cfg.train.output_dir) / "image_cache"
 
 
 def recorded_split(cfg: Config) -> dict | None:
