@@ -24,7 +24,7 @@ def test_train_help_lists_every_config_key_with_its_default():
         default = getattr(getattr(config.Config(), section), name)
         line = next(l for l in r.stdout.splitlines() if l.strip().startswith(f"{key} = "))
         assert yaml.safe_load(line.split(" = ", 1)[1].split(" [")[0]) == default, key
-    assert "data.cache = auto [auto|ram|device|none]" in r.stdout
+    assert "data.cache = auto [auto|ram|device|disk|none]" in r.stdout
 
 
 def test_the_docs_key_reference_is_the_generated_one():

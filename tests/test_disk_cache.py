@@ -17,7 +17,7 @@ from tl_dist.data import disk_cache, listing, loaders
 from tl_dist.data.images import FILES
 from tl_dist.errors import UserError
 
-from .conftest import ROOT, accelerate_launch, make_images, run_cli, train_in_process, FAST
+from .conftest import FAST, ROOT, accelerate_launch, run_cli, train_in_process
 
 
 def _cfg(root, **kw):

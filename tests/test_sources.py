@@ -19,9 +19,8 @@ from tl_dist.commands import data as data_cmd
 from tl_dist.config import DataConfig
 from tl_dist.data import listing, shards
 from tl_dist.data.images import load_rgb
-from tl_dist.errors import UserError
 
-from .conftest import FAST, ROOT, accelerate_launch, make_images, make_tagged, run_cli, train_in_process
+from .conftest import FAST, ROOT, accelerate_launch, make_tagged, run_cli, train_in_process
 
 
 def hf_from_folders(src, dest, splits=(("train", "train"), ("val", "validation"))):
@@ -246,11 +245,10 @@ def test_dataset_problems_are_one_line(tiny_data, tmp_path, capsys, monkeypatch)
         assert train_in_process(tmp_path / "run", root, "data.format=hf", *over) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert train_in_process(tmp_path / "run", "nobody/no-such-dataset", "data.format=hf") == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "nobody/no-such-dataset" in err and "offline" in err
+    r = run_cli("-m", "tl_dist.train", *_args("nobody/no-such-dataset", tmp_path / "run", "data.format=hf"),
+                env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # (read as the libraries load)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "nobody/no-such-dataset" in r.stderr and "not reachable (offline)" in r.stderr and "save_to_disk" in r.stderr
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
     assert train_in_process(tmp_path / "run", root, "data.format=hf") == 2
     assert "pip install -e '.[hf]'" in capsys.readouterr().err
