@@ -76,7 +76,7 @@ def make(work: Path, samples: int, size: tuple[int, int], classes: int, distinct
         for name in names:
             (folders / part / name).mkdir(parents=True, exist_ok=True)
     for i in range(samples):
-        c, part = i % classes, "val" if i % 10 == 0 else "train"
+        c, part = i % classes, "val" if (i // classes) % 10 == 0 else "train"
         rel = f"{part}/{names[c]}/{i // 1000:04d}_{i:08d}.jpg"
         p = folders / rel
         p.write_bytes(pics[c][i % len(pics[c])])
@@ -142,7 +142,8 @@ import torch
 from tl_dist import config
 from tl_dist.data import listing, loaders
 from tl_dist.data.images import screen_files
-cfg = config.load(None, sys.argv[2:])
+from tl_dist.models.backbones import resolve
+cfg = resolve(config.load(None, sys.argv[2:]))  # (the sizes and interpolation the model's weights give)
 batches = int(sys.argv[1])
 d = listing.list_data(cfg.data)
 report = screen_files([p for p, _ in d.train[:2000]], "", True, "", lambda s: None, reader=d.reader)

@@ -79,11 +79,24 @@ class RowReader:
 
     def __init__(self, parts: dict, column: str):
         self.parts, self.column = parts, column
+        self._columns: dict = {}  # split -> its image column as Arrow (made in each process, never pickled)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_columns": {}}
+
+    def _row(self, split: str, row: int):
+        """The row's image cell: straight from the memory-mapped Arrow column (microseconds), or
+        through the dataset where it has an indices mapping (a select / shuffle not yet flattened)."""
+        if split not in self._columns:
+            ds = self.parts[split]
+            self._columns[split] = ds.data.column(self.column) if getattr(ds, "_indices", None) is None else None
+        column = self._columns[split]
+        return column[row].as_py() if column is not None else self.parts[split][row][self.column]
 
     def _cell(self, name: str):
         head, split, row = name.rsplit("/", 2)
         try:
-            cell = self.parts[split][int(row)][self.column]
+            cell = self._row(split, int(row))
         except Exception as e:  # (a damaged Arrow file, a row past the end)
             raise BadImage(f"{display(name)}: unreadable row ({type(e).__name__}: {one_line(str(e))[:120]})") \
                 from None
