@@ -99,6 +99,7 @@ def make(work: Path, samples: int, size: tuple[int, int], classes: int, distinct
 def _save_hf(folders: Path, dest: Path, names: list[str]) -> None:
     import datasets
 
+    datasets.disable_progress_bars()
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
 
     def rows(part):

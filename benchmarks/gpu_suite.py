@@ -13,7 +13,8 @@ In order of importance, each row skipped (and said so) once the --budget (second
    frozen random backbone with eval-mode BatchNorm learns nothing, while the tutorial's code moves its BN
    statistics: frozen rows compare speed only;
 2. scale: finetune, batch 256, bf16, from photo-sized JPEG files, 8,000 train images: images/s; then 1k and
-   64k (the 8k files linked eight times) with the automatic data path, and 64k without the GPU cache.
+   64k (the 8k files linked eight times) with the automatic data path, and 64k without the GPU cache;
+   then the 8k set from WebDataset shards and through the disk cache (the CPU loaders against the step).
 Writes --work/gpu_suite.md (the tables) and --work/gpu_suite.json (every row, raw), updated after each
 row, so a call cut short keeps what it measured; every run's own output is kept under --work.
 """
@@ -257,8 +258,15 @@ def scale(a: argparse.Namespace, scale_epochs: int, sizes: tuple[int, int, int],
     k64 = linked_copies(k8, a.work / "k64", sizes[2])
     common = ("model.weights=none", f"train.epochs={scale_epochs}", "data.batch_size=256" if not a.smoke
               else "data.batch_size=8", "optim.lr=0.1", "train.mixed_precision=auto", "data.num_workers=16")
+    shards = a.work / "k8_shards"  # the 8k set as WebDataset shards: the same images through the shard reader
+    if not (shards / "classes.txt").is_file():
+        sh([sys.executable, "-m", "tl_dist", "data", "shard", str(k8), str(shards), "--shard-size", "256MB"],
+           a.work / "shard.log", 60 * a.cost)
     for name, data, extra, estimate in (("8k", k8, (), 90), ("1k", k1, (), 40), ("64k", k64, (), 150),
-                                        ("64k, no GPU cache (CPU loader)", k64, ("data.device_cache_gb=0",), 200)):
+                                        ("64k, no GPU cache (CPU loader)", k64, ("data.device_cache_gb=0",), 200),
+                                        ("8k shards, CPU loader", shards, ("data.format=wds", "data.cache=none"), 90),
+                                        ("8k, disk cache, CPU loader", k8,
+                                         ("data.cache=disk", f"data.cache_dir={a.work / 'image_cache'}"), 120)):
         try:
             r = tl_dist("configs/finetune.yaml", data, a.work / f"scale_{name.split(',')[0]}_{len(extra)}",
                         *common, *extra, estimate=estimate * a.cost)

@@ -311,3 +311,27 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(sources, tmp_path, name):
     a, b = load_file(str(out / "last.safetensors")), load_file(str(tmp_path / "full" / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["val_loss"] for r in _rows(out)] == [r["val_loss"] for r in _rows(tmp_path / "full")]
+
+
+# ----------------------------------------------------------------------------- data.scan_limit
+
+def test_past_the_scan_limit_a_bad_image_is_found_as_it_is_decoded(tiny_data, tmp_path, capsys, monkeypatch):
+    """A million files take minutes to check; past data.scan_limit a sample is checked before training
+    and the rest as they are decoded: a bad one stops the run after that epoch in one line naming it,
+    or is left out with data.skip_bad_images."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "train" / "bees" / "bees_010.jpg").write_bytes(b"not a jpeg")
+    assert train_in_process(tmp_path / "all", root, "train.epochs=1") == 2  # the default: every file, up front
+    assert "bees_010.jpg: not an image" in capsys.readouterr().err and not (tmp_path / "all").exists()
+    from tl_dist.data import images
+    monkeypatch.setattr(images, "SAMPLED", 4)  # (a sample of 4 of the 35, every 8th: not the bad one, the 22nd)
+    assert train_in_process(tmp_path / "run", root, "train.epochs=2", "data.scan_limit=0", "data.cache=none") == 2
+    out, err = capsys.readouterr()
+    assert "checked a sample of" in out and err.count("\n") == 1
+    assert "1 image(s) failed to decode during epoch 0" in err and "bees_010.jpg" in err
+    assert train_in_process(tmp_path / "skip", root, "train.epochs=2", "data.scan_limit=0", "data.cache=none",
+                            "data.skip_bad_images=true") == 0
+    assert "left out this epoch" in capsys.readouterr().out
+    assert [r["train_samples"] for r in _rows(tmp_path / "skip")] == [21, 21]

@@ -96,6 +96,10 @@ class DataConfig:
     device_cache_gb: float | None = _key(None, "GPU memory budget per process for cache: auto (GiB); "
                                          "null = half the GPU's memory")
     skip_bad_images: bool = _key(False, "leave bad image files out with a warning instead of stopping")
+    scan_limit: int | None = _key(100_000, "check every image before training up to this many (a header and end "
+                                  "read each: minutes at a million); above it a spread sample, the rest as they are "
+                                  "decoded (a bad one stops the run at the end of that epoch, or is left out with "
+                                  "skip_bad_images); null = always every image")
 
 
 @dataclass
@@ -273,6 +277,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_shards": (lambda v: v.strip() != "", "a file name pattern under data.root (test-*.tar)"),
     "data.image_column": (lambda v: v.strip() != "", "a column name"),
     "data.cache_dir": (lambda v: v is None or v.strip() != "", "a folder path, or null"),
+    "data.scan_limit": (lambda v: v is None or v >= 0, "a number of images (0: a sample only), or null (all)"),
     "data.path_column": (lambda v: v.strip() != "", "a column name"),
     "data.label_column": (lambda v: v.strip() != "", "a column name"),
     "data.split_column": (lambda v: v.strip() != "", "a column name"),

@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist preview") -> in
 
 
 def _preview(cfg: config.Config, args: argparse.Namespace) -> int:
-    from tl_dist.data.images import SAMPLED, scan_files
+    from tl_dist.data.images import scan_files, to_check
     from tl_dist.data.listing import list_data
     from tl_dist.files.outputs import refuse_foreign
     from tl_dist.models.backbones import resolve
@@ -138,8 +138,8 @@ def _preview(cfg: config.Config, args: argparse.Namespace) -> int:
                         f"makes it on first use (or point data.root at your data)")
     data = list_data(cfg.data, None)
     every = [p for p, _ in data.train + data.val]
-    limit = data.reader.scan_limit  # (shards, datasets: a spread sample past the limit, as training checks)
-    report = scan_files(every if limit is None or len(every) <= limit else every[::len(every) // SAMPLED],
+    limit = cfg.data.scan_limit  # (a spread sample past the limit, as training checks)
+    report = scan_files(to_check(every, limit),
                         inspect=data.reader.inspect)
     report.bad.update(data.bad)
     for line in summary_lines(data, report, cfg) + notes(data, cfg):

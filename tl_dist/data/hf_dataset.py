@@ -23,7 +23,6 @@ from tl_dist.data.images import BadImage, decode_bytes, inspect_bytes, inspect_f
 from tl_dist.errors import UserError, first_few, one_line, printable
 
 VAL_NAMES = ("validation", "val", "valid")
-SCAN_LIMIT = 100_000  # up to this many rows, every image's header is checked before training
 
 
 def _datasets():
@@ -75,7 +74,6 @@ class RowReader:
     """A sample's image by its name (``<root>/<split>/<row>``): the row's encoded bytes (or the
     file an image feature points at), decoded as an image file would be. Picklable for loader
     workers (a dataset pickles as the Arrow files it maps)."""
-    scan_limit = SCAN_LIMIT
 
     def __init__(self, parts: dict, column: str):
         self.parts, self.column = parts, column

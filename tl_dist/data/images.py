@@ -238,9 +238,7 @@ def scan_files(paths: list[str], workers: int | None = None,
 
 class Files:
     """The samples are image files: a sample's name is its path. Other sources (tar shards, a
-    Hugging Face dataset) have the same three members, so the loaders and the scan take any of them."""
-    scan_limit: int | None = None  # every file is checked before training, however many
-
+    Hugging Face dataset) have the same two methods, so the loaders and the scan take any of them."""
     def load(self, name: str) -> Image.Image:
         return load_rgb(name)
 
@@ -249,7 +247,13 @@ class Files:
 
 
 FILES = Files()
-SAMPLED = 256  # where a source is too large to check ahead, the images whose sizes guide the cache
+SAMPLED = 256  # where a data set is too large to check ahead, the images whose sizes guide the cache
+
+
+def to_check(paths: list[str], limit: int | None) -> list[str]:
+    """The images checked before training: all of them up to ``limit`` (data.scan_limit), else a
+    spread sample of about SAMPLED."""
+    return paths if limit is None or len(paths) <= limit else paths[::max(1, len(paths) // SAMPLED)]
 
 
 SKIP_BAD_IMAGES = "set data.skip_bad_images=true"  # how a training config leaves bad files out
@@ -257,20 +261,18 @@ SKIP_BAD_IMAGES = "set data.skip_bad_images=true"  # how a training config leave
 
 def screen_files(paths: list[str], where: str, skip: bool, how_to_skip: str, warn: Callable[[str], None],
                  who: str = "data", lines: Callable[[list[str]], dict[str, str]] | None = None,
-                 reader: Files = FILES, known_bad: dict[str, str] | None = None) -> ScanReport:
+                 reader: Files = FILES, known_bad: dict[str, str] | None = None,
+                 limit: int | None = None) -> ScanReport:
     """The bad-image rule, one for training, lr-find and evaluate: scan ``paths``; bad files stop
     the command with one line listing them, unless ``skip`` (the user's ``how_to_skip``), when they
     are left out with a warning. The report says which. ``lines`` names where a path came from (a
     labels file's line), for the message. ``known_bad``: samples the source's index already found
     unusable (a shard member without a label, ...), under the same rule.
 
-    A source with a ``scan_limit`` (shards, datasets: read as a stream of bytes, not file by file)
-    checks every image up to that many; above it, a spread sample for the sizes, and the rest are
-    checked as they are decoded (a failure stops the run at the end of that epoch, or is left out
-    with ``skip``, as for a file that changes after the scan)."""
-    limit = reader.scan_limit
-    todo = paths if limit is None or len(paths) <= limit else paths[::max(1, len(paths) // SAMPLED)]
-    report = scan_files(todo, inspect=reader.inspect)
+    ``limit`` (data.scan_limit): every image is checked up to that many; above it, a spread sample
+    (for the sizes), and the rest are checked as they are decoded (a failure stops the run at the
+    end of that epoch, or is left out with ``skip``, as for a file that changes after the scan)."""
+    report = scan_files(to_check(paths, limit), inspect=reader.inspect)
     report.bad.update(known_bad or {})
     if report.bad:
         named = lines(list(report.bad)) if lines else {}

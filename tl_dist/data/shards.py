@@ -38,7 +38,6 @@ INDEX_SUFFIX = ".idx.json"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "pgm")
 LABEL_MEMBERS = ("cls", "txt", "json")
 CLASS_LIST = "classes.txt"  # beside the shards: the class names, one a line, in the order of cls indices
-SCAN_LIMIT = 100_000  # up to this many samples, every image's header is checked before training
 
 
 # ----------------------------------------------------------------------------- finding shards
@@ -212,7 +211,6 @@ class ShardReader:
     """A sample's image by its name (``<shard path>/<key>``): one positioned read from the shard.
 
     Picklable for loader workers: the open files stay behind and each process opens its own."""
-    scan_limit = SCAN_LIMIT
 
     def __init__(self) -> None:
         self.shards: list[str] = []

@@ -91,8 +91,12 @@ def set_up(cfg):
     # progress and warnings on stderr: stdout is the suggestion
     cfg, data, report = setup.screened_splits(cfg, accelerator, lambda line: print(printable(line), file=sys.stderr))
     classes, train, val = data.classes, data.train, data.val
-    # (the val split is scanned with the rest but not read: one image keeps the loaders' shape)
-    d = loaders.build(cfg.data, classes, train, val[:1], seed=cfg.train.seed, device=device, sizes=report.sizes)
+    # (the val split is scanned with the rest but not read: one image keeps the loaders' shape; with
+    # data.cache=disk all of it, so that the cache is the one training builds and reads)
+    say = lambda line: print(printable(line), file=sys.stderr)  # noqa: E731
+    d = loaders.build(cfg.data, classes, train, val if cfg.data.cache == "disk" else val[:1], seed=cfg.train.seed,
+                      device=device, sizes=report.sizes, reader=data.reader, nbytes=report.nbytes,
+                      disk_folder=setup.image_cache_folder(cfg), log=say)
     net = backbones.build(cfg.model, len(classes), cfg.data.image_size).to(device)
     net, channels_last = setup.shape_model(cfg, net, processes=1)
     optimizer = optim.build_optimizer(net, cfg)

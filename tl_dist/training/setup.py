@@ -202,8 +202,8 @@ def scan_split_files(cfg: Config, data: listing.DataSet, log) -> ScanReport:
     every = [p for p, _ in train + val]
     report = screen_files(every, cfg.data.root, cfg.data.skip_bad_images, SKIP_BAD_IMAGES, warnings.append,
                           lines=data.line_numbers if data.rows is not None else None, reader=data.reader,
-                          known_bad={p: why for p, why in data.bad.items()})
-    limit = data.reader.scan_limit
+                          known_bad=data.bad, limit=cfg.data.scan_limit)
+    limit = cfg.data.scan_limit
     checked = f"checked {len(every)} images" if limit is None or len(every) <= limit else \
         f"checked a sample of {len(report.sizes)} of {len(every)} images (the rest as they are decoded)"
     log(f"{checked} in {time.perf_counter() - t0:.1f}s: {len(report.bad)} bad")

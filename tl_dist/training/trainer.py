@@ -177,7 +177,8 @@ def report_bad_images(cfg: Config, d: loaders.Data, tr: EpochResult, va: EpochRe
     paths = first_few(bad, 5)
     if not cfg.data.skip_bad_images:
         raise UserError(f"data: {len(bad)} image(s) failed to decode during epoch {epoch} "
-                        f"(changed since the scan?): {paths}; fix them or set data.skip_bad_images=true")
+                        f"(changed since the check before training, or not checked: past data.scan_limit): {paths}; "
+                        f"fix them or set data.skip_bad_images=true")
     log(f"warning: {len(bad)} image(s) failed to decode and were left out this epoch: {paths}")
 
 
