@@ -28,7 +28,7 @@ def _cfg(root, **kw):
 def _datasets(cfg, folder):
     data = listing.list_data(cfg)
     names = [p for p, _ in data.train + data.val]
-    disk = disk_cache.open_or_build(folder, names, {}, {}, FILES.load, cfg.resize_size, cfg.interpolation,
+    disk = disk_cache.open_or_build(folder, names, {}, FILES.load, cfg.resize_size, cfg.interpolation,
                                     lambda line: None, 2)
     plain = (loaders.ImageDataset(data.train, cfg, True, 0), loaders.ImageDataset(data.val, cfg, False, 0))
     cached = (loaders.ImageDataset(data.train, cfg, True, 0), loaders.ImageDataset(data.val, cfg, False, 0))
@@ -72,7 +72,7 @@ def test_one_cache_per_content_reused_and_never_a_wrong_one(tiny_data, tmp_path)
 def test_a_killed_writer_is_taken_over(tiny_data, tmp_path):
     cfg = _cfg(tiny_data)
     names = [p for p, _ in listing.list_data(cfg).train]
-    key = disk_cache.key_of(names, {}, 40, "bilinear")
+    key = disk_cache.key_of(names, 40, "bilinear")
     folder = tmp_path / "c"
     folder.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -80,7 +80,7 @@ def test_a_killed_writer_is_taken_over(tiny_data, tmp_path):
     (folder / f"{key}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
     (folder / f"{key}.tmp").write_bytes(b"half written")
     said = []
-    disk = disk_cache.open_or_build(folder, names, {}, {}, FILES.load, 40, "bilinear", said.append, 2)
+    disk = disk_cache.open_or_build(folder, names, {}, FILES.load, 40, "bilinear", said.append, 2)
     assert len(disk) == len(names) and any("writer is gone" in s for s in said)
     assert sorted(p.suffix for p in folder.iterdir()) == [".json", ".u8"]
 
@@ -89,7 +89,7 @@ def test_two_processes_build_one_cache_and_both_read_it(tiny_data, tmp_path):
     code = ("import sys; from tl_dist.data import disk_cache, listing; from tl_dist.data.images import FILES; "
             "from tl_dist.config import DataConfig; "
             f"names = [p for p, _ in listing.list_data(DataConfig(root={str(tiny_data)!r})).train]; "
-            f"d = disk_cache.open_or_build(__import__('pathlib').Path({str(tmp_path / 'c')!r}), names, {{}}, {{}}, "
+            f"d = disk_cache.open_or_build(__import__('pathlib').Path({str(tmp_path / 'c')!r}), names, {{}}, "
             "FILES.load, 40, 'bilinear', lambda s: print(s, flush=True), 1); print('rows', len(d))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
@@ -105,14 +105,14 @@ def test_a_full_disk_is_refused_before_writing_and_a_failed_write_leaves_nothing
     real = disk_cache.shutil.disk_usage
     monkeypatch.setattr(disk_cache.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(UserError, match=r"the image cache needs about .* GiB free; free space, set data.cache_dir"):
-        disk_cache.open_or_build(tmp_path / "c", names, {}, {}, FILES.load, 40, "bilinear", print, 2)
+        disk_cache.open_or_build(tmp_path / "c", names, {}, FILES.load, 40, "bilinear", print, 2)
     assert list((tmp_path / "c").iterdir()) == []
     monkeypatch.setattr(disk_cache.shutil, "disk_usage", real)
 
     def full(name):
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(UserError, match="filled up while writing the image cache"):
-        disk_cache.open_or_build(tmp_path / "c", names, {}, {}, full, 40, "bilinear", print, 2)
+        disk_cache.open_or_build(tmp_path / "c", names, {}, full, 40, "bilinear", print, 2)
     assert list((tmp_path / "c").iterdir()) == []
 
 

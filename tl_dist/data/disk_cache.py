@@ -8,8 +8,10 @@ JPEG decoding (the idea FFCV uses).
   one (a crop smaller than the stored image is up-sampled from fewer pixels than the original had:
   measured in docs/data.md).
 - Where: ``data.cache_dir`` (shared between runs when they name the same folder), else the run's
-  own ``image_cache/``. A cache is named by a hash of what it holds (the samples' names and sizes,
-  the resize and its interpolation), so another data set or size never reads a wrong one.
+  own ``image_cache/``. A cache is named by a hash of what it holds (the samples' names, the resize
+  and its interpolation), so another data set or size never reads a wrong one. Images changed in
+  place under the same names are not noticed (checking would mean reading every file's size at
+  every start): remove the cache after editing images.
 - One writer: the process that creates ``<key>.lock`` (O_EXCL) writes ``<key>.tmp``, then renames
   it to ``<key>.u8`` and publishes ``<key>.json`` (atomic) last; a reader uses a cache only when
   its index is there. Other processes, on this machine or others sharing the folder, wait for the
@@ -49,11 +51,12 @@ def stored_size(w: int, h: int, resize: int) -> tuple[int, int]:
     return int(resize * w / h), resize
 
 
-def key_of(names: list[str], nbytes: dict[str, int], resize: int, interpolation: str) -> str:
+def key_of(names: list[str], resize: int, interpolation: str) -> str:
+    """A cache's name: what it holds (the samples' names, in order) and how they were resized."""
     h = hashlib.blake2b(digest_size=10)
     h.update(f"{FORMAT}\0{resize}\0{interpolation}\n".encode())
     for n in names:
-        h.update(f"{n}\0{nbytes.get(n, -1)}\n".encode("utf-8", "surrogateescape"))
+        h.update(f"{n}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -107,12 +110,12 @@ def _lock_holder_gone(lock: Path) -> bool:
     return False
 
 
-def open_or_build(folder: Path, names: list[str], nbytes: dict[str, int], sizes: dict[str, tuple[int, int]],
+def open_or_build(folder: Path, names: list[str], sizes: dict[str, tuple[int, int]],
                   load: Callable[[str], Image.Image], resize: int, interpolation: str, log: Callable[[str], None],
                   threads: int) -> DiskImages:
     """The cache of ``names`` in ``folder``: read if published, else built here (or waited for,
-    while another process builds it)."""
-    key = key_of(names, nbytes, resize, interpolation)
+    while another process builds it). ``sizes`` (the scan's, any part of them) sizes the estimate."""
+    key = key_of(names, resize, interpolation)
     data, index, lock, tmp = (folder / f"{key}{ext}" for ext in (".u8", ".json", ".lock", ".tmp"))
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -160,11 +160,11 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
           seed: int, world: int = 1, rank: int = 0, device: torch.device = torch.device("cpu"),
           sizes: dict[str, tuple[int, int]] | None = None, limit_train: float | None = None,
           limit_val: float | None = None, reader: Files = FILES, disk_folder: Path | None = None,
-          nbytes: dict[str, int] | None = None, log: Callable[[str], None] = print) -> Data:
+          log: Callable[[str], None] = print) -> Data:
     """Datasets and loaders for this rank. ``sizes`` (from the scan) lets cache: auto decide cheaply.
     ``limit_train`` / ``limit_val``: train.limit_*_batches (the epochs' first global batches).
     ``reader``: where the samples' images come from (files, shards, a dataset). ``disk_folder``:
-    where data.cache=disk keeps its file (``nbytes``, from the scan, name what it holds)."""
+    where data.cache=disk keeps its file."""
     train_ds = ImageDataset(train, cfg, train=True, seed=seed, num_classes=len(classes), reader=reader)
     val_ds = ImageDataset(val, cfg, train=False, seed=seed, num_classes=len(classes), reader=reader)
     place = cache_place(cfg, train, val, sizes, device)
@@ -177,8 +177,8 @@ def build(cfg: DataConfig, classes: list[str], train: list[Sample], val: list[Sa
     if place == "ram":  # (device: decoded straight into device memory below)
         train_ds.cache = fill_cache(train_ds, list(range(len(train))), threads)
     if place == "disk":
-        disk = disk_cache.open_or_build(disk_folder or Path("image_cache"), [p for p, _ in train + val], nbytes or {},
-                                        sizes or {}, reader.load, cfg.resize_size, cfg.interpolation, log, threads)
+        disk = disk_cache.open_or_build(disk_folder or Path("image_cache"), [p for p, _ in train + val], sizes or {},
+                                        reader.load, cfg.resize_size, cfg.interpolation, log, threads)
         train_ds.disk, val_ds.disk, val_ds.disk_start = disk, disk, len(train)
     if place not in ("none", "disk"):
         # The val transform is deterministic, so its cache holds finished uint8 crops (small).

@@ -95,7 +95,7 @@ def set_up(cfg):
     # data.cache=disk all of it, so that the cache is the one training builds and reads)
     say = lambda line: print(printable(line), file=sys.stderr)  # noqa: E731
     d = loaders.build(cfg.data, classes, train, val if cfg.data.cache == "disk" else val[:1], seed=cfg.train.seed,
-                      device=device, sizes=report.sizes, reader=data.reader, nbytes=report.nbytes,
+                      device=device, sizes=report.sizes, reader=data.reader,
                       disk_folder=setup.image_cache_folder(cfg), log=say)
     net = backbones.build(cfg.model, len(classes), cfg.data.image_size).to(device)
     net, channels_last = setup.shape_model(cfg, net, processes=1)

@@ -175,8 +175,7 @@ def prepare_data(cfg: Config, accelerator, log) -> tuple[Config, loaders.Data, d
     d = agree(accelerator, loaders.build, cfg.data, data.classes, data.train, data.val, seed=cfg.train.seed,
               world=accelerator.num_processes, rank=accelerator.process_index,
               device=accelerator.device, sizes=report.sizes, limit_train=cfg.train.limit_train_batches,
-              limit_val=cfg.train.limit_val_batches, reader=data.reader, disk_folder=image_cache_folder(cfg),
-              nbytes=report.nbytes, log=log)
+              limit_val=cfg.train.limit_val_batches, reader=data.reader, disk_folder=image_cache_folder(cfg), log=log)
     if d.warning:
         log(d.warning)
     return cfg, d, fingerprint, data
