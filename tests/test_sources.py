@@ -335,3 +335,34 @@ def test_past_the_scan_limit_a_bad_image_is_found_as_it_is_decoded(tiny_data, tm
                             "data.skip_bad_images=true") == 0
     assert "left out this epoch" in capsys.readouterr().out
     assert [r["train_samples"] for r in _rows(tmp_path / "skip")] == [21, 21]
+
+
+def test_a_folder_of_parquet_files_trains_as_the_saved_dataset(sources, tmp_path, monkeypatch):
+    """Parquet files (what the Hub serves) with the split in their names: datasets converts them into
+    its own cache once (here a temporary one); the run equals the one from the save_to_disk folder."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    saved = datasets.load_from_disk(str(sources["hf"]))
+    (tmp_path / "pq").mkdir()
+    for split in ("train", "validation"):
+        saved[split].to_parquet(str(tmp_path / "pq" / f"{split}-00000-of-00001.parquet"))
+    for name, root in (("saved", sources["hf"]), ("parquet", tmp_path / "pq")):
+        assert train_in_process(tmp_path / name, root, "data.format=hf", "train.epochs=1") == 0
+    assert [r["val_loss"] for r in _rows(tmp_path / "saved")] == [r["val_loss"] for r in _rows(tmp_path / "parquet")]
+
+
+def test_machines_compare_shards_by_their_sizes_and_datasets_by_their_fingerprints(sources, tmp_path):
+    """What ranks on other machines compare (docs/running.md): the same names over other bytes differ."""
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(sources["shards"], copy)
+    with open(copy / "val-000000.tar", "ab") as f:
+        f.write(b"\0" * 10240)  # (a tar's end blocks: the same samples, another file)
+    seen = []
+    for root in (sources["shards"], copy):
+        d = listing.list_data(DataConfig(root=str(root), format="wds"))
+        seen.append(listing.identity(str(root), d.classes, d.train, d.val, deep=True, reader=d.reader))
+    assert seen[0]["train"] == seen[1]["train"] and seen[0]["content"] != seen[1]["content"]
+    d = listing.list_data(DataConfig(root=str(sources["hf"]), format="hf"))
+    ident = listing.identity(str(sources["hf"]), d.classes, d.train, d.val, deep=True, reader=d.reader)
+    assert ident["content"]["what"] == "dataset fingerprints"

@@ -202,7 +202,8 @@ def _drawn(cfg: DataConfig, r: Path, classes: list[str], rels: list, recorded: d
 CONTENT_CHECK_FILES = 50_000  # up to this many images, ranks compare their bytes too (ends of each file)
 
 
-def identity(root: str, classes: list[str], train: list[Sample], val: list[Sample], deep: bool) -> dict:
+def identity(root: str, classes: list[str], train: list[Sample], val: list[Sample], deep: bool,
+             reader: Files = FILES) -> dict:
     """What this process sees under ``root``, to compare across processes (machines may hold
     different copies of a data set): the classes, each split's count and a hash of its relative
     paths and labels; with ``deep``, a hash of every file's size, and up to CONTENT_CHECK_FILES
@@ -219,6 +220,10 @@ def identity(root: str, classes: list[str], train: list[Sample], val: list[Sampl
             h.update(f"{os.path.relpath(path, r)}\0{label}\n".encode("utf-8", "surrogateescape"))
         out[split] = {"images": len(samples), "names": h.hexdigest()}
     if not deep:
+        return out
+    if reader is not FILES:  # (shards: each shard file's size; a dataset: its splits' fingerprints)
+        what, digest = reader.content()
+        out["content"] = {"hash": digest, "what": what}
         return out
 
     def ends(path: str) -> bytes:

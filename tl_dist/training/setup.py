@@ -139,7 +139,8 @@ def screened_splits(cfg: Config, accelerator, log,
     if accelerator.num_processes > 1:  # (one copy of the data per machine: its first rank reads the
         # bytes, when there are other machines to compare with)
         deep = accelerator.is_local_main_process and spans_machines(accelerator)
-        check_same_data(accelerator, listing.identity(cfg.data.root, data.classes, data.train, data.val, deep=deep))
+        check_same_data(accelerator, listing.identity(cfg.data.root, data.classes, data.train, data.val, deep=deep,
+                                                      reader=data.reader))
     report = on_main_then_share(accelerator, lambda: scan_split_files(cfg, data, log))
     if report.bad:
         data.train = [s for s in data.train if s[0] not in report.bad]
