@@ -287,7 +287,8 @@ def top_losses(paths, labels, logits, classes, predictor, most: int = 16, least:
     items = []
     for i in chosen:
         k = int(probs[i].argmax())
-        items.append((predictor.eval_tensor(load(paths[i]) if load else paths[i]), f"{Path(paths[i]).name}\ntrue: {classes[labels[i]]}\n"
+        image = predictor.eval_tensor(load(paths[i]) if load else paths[i])
+        items.append((image, f"{Path(paths[i]).name}\ntrue: {classes[labels[i]]}\n"
                       f"pred: {classes[k]} ({probs[i, k]:.2f}), loss {max(0.0, float(losses[i])):.2f}",
                       k == int(labels[i])))
     return items

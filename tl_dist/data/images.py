@@ -239,6 +239,7 @@ def scan_files(paths: list[str], workers: int | None = None,
 class Files:
     """The samples are image files: a sample's name is its path. Other sources (tar shards, a
     Hugging Face dataset) have the same two methods, so the loaders and the scan take any of them."""
+
     def load(self, name: str) -> Image.Image:
         return load_rgb(name)
 

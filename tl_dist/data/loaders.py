@@ -126,7 +126,7 @@ class Data:
         elif self.cache == "disk":
             source = "decoded once into the disk cache (memory-mapped, resized to data.resize_size)"
         else:
-            source = "image files decoded every epoch"
+            source = "images decoded every epoch"
         augment = "" if self.train.fixed else "PIL augment, "
         return f"{source}; {augment}{self.workers} loader worker(s); normalise on {device.type}"
 
