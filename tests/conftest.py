@@ -94,3 +94,20 @@ def make_tagged(root, n: int, seed: int = 0):
 
 # a multi-label run over make_tagged's set
 ML = ("data.labels=tags.csv", "data.label_column=tags", "data.label_delimiter=;", "data.val_split=0.25")
+
+
+def sigkill_once_resumable(*args: str, out: Path) -> None:
+    """``python ARGS`` (a training run into ``out``), SIGKILLed just after its first epoch is saved
+    (resume.pt there): a run killed mid-run, as power loss would."""
+    import signal
+    import time
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "resume.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"

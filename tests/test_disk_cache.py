@@ -17,7 +17,7 @@ from tl_dist.data import disk_cache, listing, loaders
 from tl_dist.data.images import FILES
 from tl_dist.errors import UserError
 
-from .conftest import FAST, ROOT, accelerate_launch, run_cli, train_in_process
+from .conftest import FAST, ROOT, accelerate_launch, run_cli, sigkill_once_resumable, train_in_process
 
 
 def _cfg(root, **kw):
@@ -131,8 +131,6 @@ def test_runs_share_a_cache_dir_and_train_as_from_files(tiny_data, tmp_path, cap
 
 @pytest.mark.slow
 def test_sigkill_then_resume_with_the_disk_cache_is_bit_identical(tiny_data, tmp_path):
-    import signal
-    import time
     from safetensors.torch import load_file
 
     args = ["-m", "tl_dist.train", "--config", str(ROOT / "configs" / "demo.yaml"), *FAST, f"data.root={tiny_data}",
@@ -141,16 +139,7 @@ def test_sigkill_then_resume_with_the_disk_cache_is_bit_identical(tiny_data, tmp
     full = run_cli(*args, f"train.output_dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, *args, f"train.output_dir={out}"], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "resume.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL
+    sigkill_once_resumable(*args, f"train.output_dir={out}", out=out)
     again = run_cli(*args, f"train.output_dir={out}")
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
     a, b = load_file(str(out / "last.safetensors")), load_file(str(tmp_path / "full" / "last.safetensors"))

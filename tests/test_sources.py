@@ -4,11 +4,8 @@ same run from folders, shards or a dataset of the same images gives the same num
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from tl_dist.config import DataConfig
 from tl_dist.data import listing, shards
 from tl_dist.data.images import load_rgb
 
-from .conftest import FAST, ROOT, accelerate_launch, make_tagged, run_cli, train_in_process
+from .conftest import FAST, ROOT, accelerate_launch, make_tagged, run_cli, sigkill_once_resumable, train_in_process
 
 
 def hf_from_folders(src, dest, splits=(("train", "train"), ("val", "validation"))):
@@ -291,22 +288,12 @@ def test_two_processes_equal_one_process(sources, tmp_path, name):
 def test_sigkill_mid_run_then_resume_is_bit_identical(sources, tmp_path, name):
     over = (FORMAT[name], "data.image_size=64", "data.resize_size=72", "data.batch_size=4", "train.epochs=4",
             "data.cache=none", "data.num_workers=2")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    full = subprocess.run([sys.executable, "-m", "tl_dist.train", *_args(sources[name], tmp_path / "full", *over)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    full = run_cli("-m", "tl_dist.train", *_args(sources[name], tmp_path / "full", *over))
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "tl_dist.train", *_args(sources[name], out, *over)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "resume.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL and len(_rows(out)) < 4
-    again = subprocess.run([sys.executable, "-m", "tl_dist.train", *_args(sources[name], out, *over)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    sigkill_once_resumable("-m", "tl_dist.train", *_args(sources[name], out, *over), out=out)
+    assert len(_rows(out)) < 4
+    again = run_cli("-m", "tl_dist.train", *_args(sources[name], out, *over))
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
     a, b = load_file(str(out / "last.safetensors")), load_file(str(tmp_path / "full" / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -112,11 +112,15 @@ def _open(path: str) -> Iterator[Image.Image]:
     except OSError as e:
         raise BadImage(f"{path}: unreadable: {e}") from None
     with img:
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and img.width * img.height > limit:
-            raise BadImage(f"{path}: too many pixels (decompression bomb?): {img.width}x{img.height} "
-                           f"is over Pillow's limit of {limit}")
+        _within_limit(img, path)
         yield img
+
+
+def _within_limit(img: Image.Image, name: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise BadImage(f"{name}: too many pixels (decompression bomb?): {img.width}x{img.height} "
+                       f"is over Pillow's limit of {limit}")
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -147,10 +151,7 @@ def _open_bytes(data: bytes, name: str) -> Iterator[Image.Image]:
     except (Image.UnidentifiedImageError, OSError):
         raise BadImage(f"{name}: not an image (Pillow cannot identify it)") from None
     with img:
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and img.width * img.height > limit:
-            raise BadImage(f"{name}: too many pixels (decompression bomb?): {img.width}x{img.height} "
-                           f"is over Pillow's limit of {limit}")
+        _within_limit(img, name)
         yield img
 
 
