@@ -138,7 +138,6 @@ def index(args) -> int:
         if idx["bad"]:
             print(f"warning: {path.name}: {len(idx['bad'])} unusable sample(s), e.g. {idx['bad'][0][1]}",
                   file=sys.stderr)
-    n = sum(1 for _ in found)
-    print(f"indexed {fresh} of {n} shard(s) in {time.perf_counter() - t0:.1f}s ({n - fresh} were current)",
-          flush=True)
+    print(f"indexed {fresh} of {len(found)} shard(s) in {time.perf_counter() - t0:.1f}s ({len(found) - fresh} were "
+          f"current)", flush=True)
     return 0
