@@ -39,6 +39,7 @@ from torchvision.transforms import functional as F
 
 from tl_dist.data.images import BadImage
 from tl_dist.errors import UserError, one_line
+from tl_dist.files.outputs import alive
 
 FORMAT = "tl_dist-image-cache/1"
 MARGIN = 1.1  # free space asked for beyond the estimate
@@ -94,20 +95,12 @@ def resized(img: Image.Image, resize: int, interpolation: str) -> Image.Image:
 
 
 def _lock_holder_gone(lock: Path) -> bool:
-    """Whether the writer that holds ``lock`` is known dead (same host, pid gone)."""
+    """Whether the writer that holds ``lock`` is known dead (this host, its process no longer runs)."""
     try:
         who = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return False  # being written right now, or unreadable: not known dead
-    if who.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(who["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return False
-    return False
+        return who["host"] == socket.gethostname() and not alive(int(who["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # being written right now, unreadable, or another host's: not known dead
 
 
 def open_or_build(folder: Path, names: list[str], sizes: dict[str, tuple[int, int]],

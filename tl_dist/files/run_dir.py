@@ -17,6 +17,7 @@ from typing import Callable
 
 from tl_dist.errors import UserError, first_few
 from tl_dist.files import atomic, checkpoint, resume_file
+from tl_dist.files.outputs import alive
 from tl_dist.files.resume_file import RESUME_FILE
 
 
@@ -45,17 +46,12 @@ ORPHAN_WAIT_S = 20  # how long a new run waits for a killed run's loader workers
 
 
 def _gone(holder: str) -> bool:
-    """Whether the lock record names a process of this machine that no longer exists."""
+    """Whether the lock record names a process of this machine that no longer runs."""
     try:
         who = json.loads(holder)
-        if who["host"] != socket.gethostname():
-            return False
-        os.kill(int(who["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, KeyError, TypeError, PermissionError, OSError):
+        return who["host"] == socket.gethostname() and not alive(int(who["pid"]))
+    except (ValueError, KeyError, TypeError):
         return False
-    return False
 
 
 class RunLock:
