@@ -92,7 +92,7 @@ class RowReader:
         return column[row].as_py() if column is not None else self.parts[split][row][self.column]
 
     def _cell(self, name: str):
-        head, split, row = name.rsplit("/", 2)
+        _, split, row = name.rsplit("/", 2)
         try:
             cell = self._row(split, int(row))
         except Exception as e:  # (a damaged Arrow file, a row past the end)

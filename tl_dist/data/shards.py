@@ -357,10 +357,12 @@ def list_shards(cfg: DataConfig, recorded: dict | None = None):
     reader = ShardReader()
     bad: dict[str, str] = {}
     parts = {}
+    every = train_shards + val_shards + test_shards
+    index_of_shard = dict(zip(every, indexes(every)))  # (one pool for all parts' shards)
     for part, shards in (("train", train_shards), ("val", val_shards), ("test", test_shards)):
         names, labels = [], []
         noted = bad if part != "test" else {}  # (training never reads test: its problems wait for evaluate)
-        for shard, idx in zip(shards, indexes(shards)):
+        for shard, idx in ((s, index_of_shard[s]) for s in shards):
             for key, why in idx["bad"]:
                 noted[f"{shard}/{key}" if key else str(shard)] = f"{display(f'{shard}/{key}')}: {why}"
             for key, _ext, off, size, raw in idx["samples"]:
