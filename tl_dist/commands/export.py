@@ -200,7 +200,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int
     def stop(signum, frame):
         raise Stopped(signum)
     main_thread = threading.current_thread() is threading.main_thread()  # (only it may set handlers)
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    # Ctrl-C too raises Stopped, not KeyboardInterrupt: a KeyboardInterrupt raised inside an exporter
+    # once ended the process by SIGINT (exit -2) after this function had printed its line and
+    # returned 130; the interpreter's own Ctrl-C bookkeeping never sees an exception of ours.
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         return _export(args)
     except UserError as e:
@@ -216,13 +219,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "tl-dist export") -> int
         print(f"export: stopped by {signal.Signals(signum).name}; {done}", file=sys.stderr)
         return 128 + signum
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Stopped(BaseException):
-    """SIGTERM during an export: unwinds like Ctrl-C (past the exporters' own error handling), so the
-    temporary folder goes."""
+    """SIGTERM or SIGINT during an export: unwinds like Ctrl-C (past the exporters' own error handling),
+    so the temporary folder goes."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
