@@ -26,18 +26,31 @@ from tl_dist.data import targets
 BatchSampler = Sequence[list[tuple[int, int, float]]]
 
 
+# The antialiased resampling F.interpolate dispatches to, called directly: at batch 256 a step makes
+# 256 of these calls, and interpolate's argument checks in Python cost more host time than the
+# kernel launch itself. Same kernels, same bits (tests/test_data.py compares them).
+_RESAMPLE = {"bilinear": getattr(torch._C._nn, "_upsample_bilinear2d_aa", None),
+             "bicubic": getattr(torch._C._nn, "_upsample_bicubic2d_aa", None)}
+
+
 def crop_resize_flip(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flips: list[bool],
                      size: int, mode: str = "bilinear") -> torch.Tensor:
     """uint8 CHW images of any size -> uint8 [N, 3, size, size]: RandomResizedCrop's resampling + flip.
 
     The same arithmetic as torchvision's resized_crop on a uint8 tensor (float, antialiased
-    bilinear or bicubic, round, clamp), with the per-image part cut to three kernels and the rest done once
-    for the batch: at batch 256 each kernel launch per image counts.
+    bilinear or bicubic, round, clamp), with the per-image part cut to two kernels (to float, resample
+    into the batch) and the rest done once for the batch: per image, the host's time is the cost.
     """
     out = torch.empty(len(images), images[0].shape[0], size, size, dtype=torch.float32, device=images[0].device)
-    for k, (img, (i, j, h, w)) in enumerate(zip(images, boxes)):
-        out[k] = torch.nn.functional.interpolate(img[None, :, i:i + h, j:j + w].float(), size=(size, size),
-                                                 mode=mode, antialias=True, align_corners=False)[0]
+    resample = _RESAMPLE.get(mode)
+    if resample is None:  # (a torch without the private entry point: the public one, same kernels)
+        for k, (img, (i, j, h, w)) in enumerate(zip(images, boxes)):
+            out[k] = torch.nn.functional.interpolate(img[None, :, i:i + h, j:j + w].float(), size=(size, size),
+                                                     mode=mode, antialias=True, align_corners=False)[0]
+    else:
+        shape = [size, size]
+        for slot, img, (i, j, h, w) in zip(out.split(1), images, boxes):
+            resample(img[None, :, i:i + h, j:j + w].float(), shape, False, None, None, out=slot)
     out = out.round_().clamp_(0, 255).to(torch.uint8)
     if any(flips):
         # non_blocking: a blocking host-to-GPU copy would make the host wait for the GPU every step
