@@ -46,7 +46,7 @@ def test_graph_path_trains_exactly_like_the_eager_path(tiny_data, tmp_path, coun
     """22 train images at batch 4: 5 full batches and a short one (always eager) per epoch. The
     weights and metrics must come out bit for bit as without graphs (fp32, CPU). ``graph_steps``:
     the number of captures so far at each step that went through the graph path."""
-    assert _run(tmp_path / "eager", tiny_data, "train.epochs=3", *mode) == 0
+    assert _run(tmp_path / "eager", tiny_data, "train.epochs=3", "train.cuda_graphs=false", *mode) == 0
     assert count_graph_steps == []
     assert _run(tmp_path / "graph", tiny_data, "train.epochs=3", "train.cuda_graphs=true", *mode) == 0
     assert count_graph_steps == graph_steps
@@ -55,6 +55,16 @@ def test_graph_path_trains_exactly_like_the_eager_path(tiny_data, tmp_path, coun
     rows = [[json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("eager", "graph")]
     for key in ("train_loss", "train_acc", "train_samples", "val_loss", "val_acc"):
         assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+
+
+def test_the_default_replays_where_it_can_and_says_so(tiny_data, tmp_path, count_graph_steps, capsys):
+    """train.cuda_graphs null on a (pretend) GPU: the graph path, named in the first lines; with a
+    setting it cannot replay (AdamW), the eager step and no error."""
+    assert _run(tmp_path / "auto", tiny_data, "train.epochs=1") == 0
+    assert count_graph_steps and "train step: one CUDA graph (train.cuda_graphs)" in capsys.readouterr().out
+    count_graph_steps.clear()
+    assert _run(tmp_path / "adamw", tiny_data, "train.epochs=1", "optim.name=adamw") == 0
+    assert count_graph_steps == [] and "train step: eager" in capsys.readouterr().out
 
 
 def test_a_missed_recapture_is_caught():

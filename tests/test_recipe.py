@@ -190,6 +190,25 @@ def test_cuda_graphs_name_every_recipe_option_they_cannot_replay():
     assert all(words in str(e.value) for words in ("optim.name=sgd", "fixed within each epoch", "no MixUp / CutMix"))
 
 
+def test_cuda_graphs_by_default_where_nothing_is_in_the_way(monkeypatch):
+    """train.cuda_graphs null: the graph where the run can be replayed on a GPU, the eager step
+    elsewhere, without an error; true is checked, false is off."""
+    from tl_dist.training import cuda_graphs
+    use = cuda_graphs.use_cuda_graphs
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert not use(cfg_of(), cpu, 1, "no", keeps_features=False)  # no GPU
+    monkeypatch.setattr(cuda_graphs, "can_capture", lambda device: True)
+    assert use(cfg_of(), gpu, 1, "bf16", keeps_features=False)
+    assert not use(cfg_of("train.cuda_graphs=false"), gpu, 1, "bf16", keeps_features=False)
+    for blocked in (("optim.name=adamw",), ("train.mixup_alpha=0.2",), ("scheduler.name=cosine",),
+                    ("train.grad_accum_steps=2",), ("model.arch=efficientnet_b0",)):
+        assert not use(cfg_of(*blocked), gpu, 1, "bf16", keeps_features=False), blocked
+    assert not use(cfg_of(), gpu, 2, "bf16", keeps_features=False)  # several processes
+    assert not use(cfg_of(), gpu, 1, "fp16", keeps_features=False)  # the loss scaler's host check
+    assert not use(cfg_of(), gpu, 1, "bf16", keeps_features=True)  # the classifier on kept features
+    assert use(cfg_of("train.cuda_graphs=true"), gpu, 1, "bf16", keeps_features=True)  # (asked for)
+
+
 def test_early_stopping_counts_epochs_since_the_best():
     state, cfg = RunState(), cfg_of("train.early_stopping_patience=2")
     for epoch, acc in enumerate([0.5, 0.7, 0.7, 0.6]):

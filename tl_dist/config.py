@@ -196,8 +196,13 @@ class TrainConfig:
     compile: bool = _key(False, "torch.compile the model")
     compile_mode: str = _key("default", "torch.compile mode; reduce-overhead = CUDA graphs, for small batches "
                              "bound by kernel launches", ("default", "reduce-overhead", "max-autotune"))
-    cuda_graphs: bool = _key(False, "replay the whole train step (forward, backward, SGD) as one CUDA graph: small "
-                             "batches on one GPU; needs grad_accum_steps 1 and mixed_precision bf16 or no")
+    cuda_graphs: bool | None = _key(None, "replay the whole train step (forward, backward, SGD) as one CUDA graph "
+                                    "(one GPU; needs grad_accum_steps 1, mixed_precision bf16 or no, SGD, a learning "
+                                    "rate fixed within the epoch, no MixUp / CutMix, no dropout trained); null = on "
+                                    "where the run meets those needs, true = an error where it does not")
+    cudnn_benchmark: bool = _key(False, "let cuDNN time its convolution algorithms on the first step of each input "
+                                 "shape and keep the fastest (GPU): seconds of timing per new shape for a few "
+                                 "percent on long runs; the choice can differ between runs")
     limit_train_batches: float | None = _key(None, "a quick trial: train on the first N global batches of each "
                                              "epoch (a count, or a fraction of the epoch's batches below 1); the run's "
                                              "files say it was limited; null = every batch")

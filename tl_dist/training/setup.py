@@ -23,7 +23,7 @@ from tl_dist.errors import UserError, first_line, one_line
 from tl_dist.files import run_dir
 from tl_dist.models import backbones, heads, pretrained
 from tl_dist.training import feature_cache, host_memory, optim
-from tl_dist.training.cuda_graphs import GraphedStep, check_cuda_graphs
+from tl_dist.training.cuda_graphs import GraphedStep, check_cuda_graphs, use_cuda_graphs
 from tl_dist.training.ema import EMA
 from tl_dist.training.feature_cache import FeatureCache
 from tl_dist.training.engine import EagerStep, HeadInputs, StepSettings, TrainStep
@@ -92,14 +92,15 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     if state is not None:
         restore_optimizer_and_rngs(optimizer, state, accelerator, out)
     net, optimizer = accelerator.prepare(net, optimizer)
-    step = build_step(cfg, accelerator, optimizer, mp)
+    keeps_features = frozen and feature_cache.why_off(cfg, accelerator.unwrap_model(net), len(d.train)) is None
+    step = build_step(cfg, accelerator, optimizer, mp, keeps_features)
     settings = step_settings(cfg, frozen, channels_last, d, accelerator.device)
     meta = run_metadata(cfg, accelerator, net, d, mp, listed.split)
     state = state or RunState()
     # (through agree: a failed write stops every rank at once, not only rank 0)
     agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, listed.split, log) if main_proc else None)
     if main_proc:
-        first_lines(cfg, accelerator, d, listed, meta, mp, start, log)
+        first_lines(cfg, accelerator, d, listed, meta, mp, start, log, step)
     model, epoch_images = accelerator.unwrap_model(net), d.train_sampler.images_per_epoch()  # (all, unless limited)
     return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, epoch_images), step, settings,
                state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, epoch_images, start),
@@ -118,6 +119,8 @@ def start_processes(cfg: Config):
     if accelerator.device.type == "cpu":  # activations live in host memory: reuse it step to step
         host_memory.keep_freed_memory()
     check_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     return accelerator, mp
 
 
@@ -276,9 +279,9 @@ def restore_optimizer_and_rngs(optimizer: torch.optim.Optimizer, state: RunState
         set_rng_state(state.rng[accelerator.process_index])
 
 
-def build_step(cfg: Config, accelerator, optimizer, mp: str) -> TrainStep:
+def build_step(cfg: Config, accelerator, optimizer, mp: str, keeps_features: bool = False) -> TrainStep:
     step: TrainStep = EagerStep(accelerator, optimizer)
-    if cfg.train.cuda_graphs:  # (its needs were checked in start_processes)
+    if use_cuda_graphs(cfg, accelerator.device, accelerator.num_processes, mp, keeps_features):
         step = GraphedStep(optimizer.optimizer, accelerator.device, torch.bfloat16 if mp == "bf16" else None,
                            capture=accelerator.device.type == "cuda", fallback=step)
     return step
@@ -383,12 +386,12 @@ def note_segment(cfg: Config, out: Path, state: RunState, data_fp: dict, split: 
 
 
 def first_lines(cfg: Config, accelerator, d: loaders.Data, listed: listing.DataSet, meta: dict, mp: str, start: int,
-                log) -> None:
+                log, step: TrainStep) -> None:
     """Rank 0: what this run is, settings that are likely a mistake, and the first picture."""
     layout = "" if listed.layout == "folders" else f" ({listed.layout}{', in split.json' if listed.split else ''})"
     log(f"tl_dist: {len(d.train)} train / {len(d.val)} val images{layout}, {len(d.classes)} classes; "
         f"{cfg.model.arch} {cfg.model.mode}; {accelerator.num_processes} process(es) on "
-        f"{accelerator.device.type}; mixed precision {mp}; data: {meta['data_path']}")
+        f"{accelerator.device.type}; mixed precision {mp}; train step: {step_kind(step)}; data: {meta['data_path']}")
     if limited(cfg):
         log(f"limited run (train.limit_train_batches / limit_val_batches): {d.train_sampler.images_per_epoch()} "
             f"train and {val_images(cfg, d)} val images per epoch; a quick trial, and its files say so")
@@ -399,6 +402,10 @@ def first_lines(cfg: Config, accelerator, d: loaders.Data, listed: listing.DataS
     if cfg.train.plots and start == 0:
         visualize.drawn(visualize.train_batch, d.train, d.classes, Path(cfg.train.output_dir) / "train_batch.png",
                         seed=cfg.train.seed)
+
+
+def step_kind(step: TrainStep) -> str:
+    return "one CUDA graph (train.cuda_graphs)" if isinstance(step, GraphedStep) else "eager"
 
 
 def write_in_background() -> bool:
