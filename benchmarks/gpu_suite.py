@@ -2,19 +2,21 @@
 
     PYTHONPATH=. python benchmarks/gpu_suite.py --bench PATH/TO/shared/bench [--budget 540] [--work /tmp/tl_gpu]
     PYTHONPATH=. python benchmarks/gpu_suite.py --bench ... --smoke   # tiny sizes, any machine: checks the script
-    --part tutorial | scale runs one half; --no-compile drops the compile rows
+    --part tutorial | scale runs one half; --no-compile drops the compile rows; --only WORDS runs the rows
+    whose names contain WORDS ("frozen tutorial's code", "finetune batch 4", "8k shards", ...)
 
 In order of importance, each row skipped (and said so) once the --budget (seconds) would not hold it:
 0. tl-dist doctor --json: every GPU row, among them the steady-state train step under
    torch.cuda.set_sync_debug_mode("error") (no host waits between optimizer steps);
 1. the tutorial's workload (hymenoptera-shaped, 25 epochs, both modes): the tutorial's code against tl_dist
-   with the tutorial's hyperparameters (batch 4, lr 0.001: eager, the whole step as one CUDA graph,
-   compiled with CUDA graphs) and with batch 32 / lr 0.008 (linear scaling). With model.weights none a
-   frozen random backbone with eval-mode BatchNorm learns nothing, while the tutorial's code moves its BN
-   statistics: frozen rows compare speed only;
-2. scale: finetune, batch 256, bf16, from photo-sized JPEG files, 8,000 train images: images/s; then 1k and
-   64k (the 8k files linked eight times) with the automatic data path, and 64k without the GPU cache;
-   then the 8k set from WebDataset shards and through the disk cache (the CPU loaders against the step).
+   with the tutorial's hyperparameters (batch 4, lr 0.001: the defaults (the step as one CUDA graph), the
+   eager step, compiled with CUDA graphs) and with batch 32 / lr 0.008 (linear scaling). With model.weights
+   none a frozen random backbone with eval-mode BatchNorm learns nothing, while the tutorial's code moves its
+   BN statistics: frozen rows compare speed only;
+2. scale: finetune, batch 256, bf16, from photo-sized JPEG files, 8,000 train images: images/s with the
+   defaults, with the eager step and with cuDNN's heuristics; then 1k and 64k (the 8k files linked eight
+   times) with the automatic data path, and 64k without the GPU cache; then the 8k set from WebDataset
+   shards and through the disk cache (the CPU loaders against the step).
 Writes --work/gpu_suite.md (the tables) and --work/gpu_suite.json (every row, raw), updated after each
 row, so a call cut short keeps what it measured; every run's own output is kept under --work.
 """
@@ -66,7 +68,7 @@ def sh(cmd: list[str], log: Path, estimate: float = 0.0) -> tuple[str, float]:
         raise Skipped(f"skipped: about {estimate:.0f}s needed, {max(0.0, BUDGET.left()):.0f}s of --budget left")
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(1.0, BUDGET.left()),
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(1.0, BUDGET.left()) if BUDGET.left() < float("inf") else None,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     except subprocess.TimeoutExpired:
         log.write_text(f"$ {' '.join(cmd)}\nstopped at the end of --budget\n")
@@ -172,6 +174,9 @@ def main() -> None:
     p.add_argument("--part", choices=("all", "tutorial", "scale"), default="all",
                    help="tutorial: the doctor and the tutorial's workload; scale: the scaling rows")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (minutes of compiling)")
+    p.add_argument("--only", nargs="+", metavar="WORDS",
+                   help="run only the rows whose name contains one of these (e.g. doctor, 'finetune batch 4', "
+                        "'frozen tutorial', '8k shards'); the others are left out, unlisted")
     a = p.parse_args()
     import torch
     if not torch.cuda.is_available() and not a.smoke:
@@ -184,7 +189,8 @@ def main() -> None:
     sizes = (40, 80, 8) if a.smoke else (1000, 8000, 8)  # 1k, 8k, and 8k x 8 = 64k
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (smoke)"
     report = Report(a.work, f"GPU: {gpu}; torch {torch.__version__}; {os.cpu_count()} CPU cores; "
-                            f"`python benchmarks/gpu_suite.py{' --smoke' if a.smoke else ''} --budget {a.budget:g}`\n")
+                            f"`python benchmarks/gpu_suite.py{' --smoke' if a.smoke else ''} --part {a.part} --budget {a.budget:g}"
+                            f"{' --only ' + ' '.join(repr(w) for w in a.only) if a.only else ''}`\n")
     t_start = time.perf_counter()
     if a.part in ("all", "tutorial"):
         doctor(a, report)
@@ -194,8 +200,14 @@ def main() -> None:
     print(f"suite time {time.perf_counter() - t_start:.0f}s; GPU: {gpu}; tables in {a.work / 'gpu_suite.md'}", flush=True)
 
 
+def wanted(a: argparse.Namespace, name: str) -> bool:
+    return not a.only or any(words in name for words in a.only)
+
+
 def doctor(a: argparse.Namespace, report: Report) -> None:
     """tl-dist doctor's rows on this machine (the sync-free step among them)."""
+    if not wanted(a, "doctor"):
+        return
     try:
         out, _ = sh([sys.executable, "-m", "tl_dist", "doctor", "--json"], a.work / "doctor.log", 120 * a.cost)
         for c in json.loads(out.splitlines()[-1])["checks"]:
@@ -212,26 +224,28 @@ def tutorial_workload(a: argparse.Namespace, epochs: int, report: Report) -> Non
     if not (hym / "val").exists():
         subprocess.run([sys.executable, str(a.bench / "make_data.py"), str(hym)], check=True)
     for mode in ("finetune", "frozen"):
-        try:
-            out, seed_wall = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode,
-                                 "--epochs", str(epochs)], a.work / f"tutorial_{mode}.log", 60 * a.cost)
-        except (RunFailed, Skipped) as e:
-            report.add(section, {"mode": mode, "tl_dist": "the tutorial's code", "error": str(e)})
-            continue
-        m = re.search(r"train_s=([\d.]+) best_val_acc=([\d.]+)", out)
-        seed_s, seed_acc = float(m.group(1)), float(m.group(2))
+        seed_s = seed_acc = seed_wall = None  # (--only without "<mode> tutorial's code": tl_dist's rows alone)
+        if wanted(a, f"{mode} tutorial's code"):
+            try:
+                out, seed_wall = sh([sys.executable, str(a.bench / "seed_baseline.py"), str(hym), "--mode", mode,
+                                     "--epochs", str(epochs)], a.work / f"tutorial_{mode}.log", 60 * a.cost)
+            except (RunFailed, Skipped) as e:
+                report.add(section, {"mode": mode, "tl_dist": "the tutorial's code", "error": str(e)})
+                continue
+            m = re.search(r"train_s=([\d.]+) best_val_acc=([\d.]+)", out)
+            seed_s, seed_acc = float(m.group(1)), float(m.group(2))
         for i, (label, over, estimate) in enumerate((
                 ("batch 4, lr 0.001 (the tutorial's)", (), 60),
-                ("batch 4, whole step as a CUDA graph", ("train.cuda_graphs=true",), 60),
+                ("batch 4, eager (train.cuda_graphs=false)", ("train.cuda_graphs=false",), 60),
                 ("batch 32, lr 0.008", ("data.batch_size=32", "optim.lr=0.008"), 40),
                 ("batch 4, compiled, CUDA graphs", ("train.compile=true", "train.compile_mode=reduce-overhead"), 180),
                 ("batch 4, data.augment=none: the features computed once", ("data.augment=none",), 20))):
             if (a.smoke or a.no_compile) and "train.compile=true" in over:
                 continue  # minutes of compiling (on a small CPU, many)
-            if a.smoke and "train.cuda_graphs=true" in over:
-                continue  # needs CUDA
             if mode == "finetune" and "data.augment=none" in over:
                 continue  # (the feature cache is for a frozen backbone)
+            if not wanted(a, f"{mode} {label}"):
+                continue
             try:
                 r = tl_dist(f"configs/{mode}.yaml", hym, a.work / f"t2_{mode}_{i}", "model.weights=none",
                             f"train.epochs={epochs}", *over, estimate=estimate * a.cost)
@@ -239,9 +253,9 @@ def tutorial_workload(a: argparse.Namespace, epochs: int, report: Report) -> Non
                 report.add(section, {"mode": mode, "tl_dist": label, "error": str(e)})
                 continue
             report.add(section, {
-                "mode": mode, "tl_dist": label, "tutorial train s": seed_s, "tl_dist train s": r["train s"],
-                "speed-up": f"{seed_s / r['train s']:.1f}x", "tutorial wall s": seed_wall, "tl_dist wall s": r["wall s"],
-                "tutorial acc": seed_acc if mode == "finetune" else "-",
+                "mode": mode, "tl_dist": label, "tutorial train s": seed_s or "-", "tl_dist train s": r["train s"],
+                "speed-up": f"{seed_s / r['train s']:.1f}x" if seed_s else "-", "tutorial wall s": seed_wall or "-",
+                "tl_dist wall s": r["wall s"], "tutorial acc": seed_acc if mode == "finetune" and seed_acc else "-",
                 "tl_dist acc": r["best acc"] if mode == "finetune" else "-", "train img/s": r["train img/s"],
                 "data path": r["data path"], "precision": r["precision"], "warnings": r["warnings"]})
 
@@ -259,16 +273,22 @@ def scale(a: argparse.Namespace, scale_epochs: int, sizes: tuple[int, int, int],
     common = ("model.weights=none", f"train.epochs={scale_epochs}", "data.batch_size=256" if not a.smoke
               else "data.batch_size=8", "optim.lr=0.1", "train.mixed_precision=auto", "data.num_workers=16")
     shards = a.work / "k8_shards"  # the 8k set as WebDataset shards: the same images through the shard reader
-    if not (shards / "classes.txt").is_file():
+    if wanted(a, "8k shards") and not (shards / "classes.txt").is_file():
         sh([sys.executable, "-m", "tl_dist", "data", "shard", str(k8), str(shards), "--shard-size", "256MB"],
            a.work / "shard.log", 60 * a.cost)
-    for name, data, extra, estimate in (("8k", k8, (), 90), ("1k", k1, (), 40), ("64k", k64, (), 150),
+    for row, (name, data, extra, estimate) in enumerate((("8k, defaults", k8, (), 90),
+                                        ("8k, eager step (train.cuda_graphs=false)", k8, ("train.cuda_graphs=false",), 90),
+                                        ("8k, cuDNN heuristics (train.cudnn_benchmark=false)", k8,
+                                         ("train.cudnn_benchmark=false",), 90),
+                                        ("1k", k1, (), 40), ("64k", k64, (), 150),
                                         ("64k, no GPU cache (CPU loader)", k64, ("data.device_cache_gb=0",), 200),
                                         ("8k shards, CPU loader", shards, ("data.format=wds", "data.cache=none"), 90),
                                         ("8k, disk cache, CPU loader", k8,
-                                         ("data.cache=disk", f"data.cache_dir={a.work / 'image_cache'}"), 120)):
+                                         ("data.cache=disk", f"data.cache_dir={a.work / 'image_cache'}"), 120))):
+        if not wanted(a, name):
+            continue
         try:
-            r = tl_dist("configs/finetune.yaml", data, a.work / f"scale_{name.split(',')[0]}_{len(extra)}",
+            r = tl_dist("configs/finetune.yaml", data, a.work / f"scale_{row}",
                         *common, *extra, estimate=estimate * a.cost)
         except (RunFailed, Skipped) as e:
             report.add(section, {"train images": name, "error": str(e)})
