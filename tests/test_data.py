@@ -187,7 +187,7 @@ def test_device_crop_resize_flip_close_to_pil():
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
-def test_device_resampling_is_interpolates_to_the_bit(mode):
+def test_device_resampling_equals_interpolate_to_the_bit(mode):
     """The batch is resampled through the kernel F.interpolate dispatches to, called directly (less
     host time per image): the same bits, for crops shrunk and enlarged, in one batch."""
     from tl_dist.data import device_cache

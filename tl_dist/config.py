@@ -199,7 +199,8 @@ class TrainConfig:
     cuda_graphs: bool | None = _key(None, "replay the whole train step (forward, backward, SGD) as one CUDA graph "
                                     "(one GPU; needs grad_accum_steps 1, mixed_precision bf16 or no, SGD, a learning "
                                     "rate fixed within the epoch, no MixUp / CutMix, no dropout trained); null = on "
-                                    "where the run meets those needs, true = an error where it does not")
+                                    "where the run meets those needs and trains no kept features, true = an error "
+                                    "where it does not")
     cudnn_benchmark: bool = _key(False, "let cuDNN time its convolution algorithms on the first step of each input "
                                  "shape and keep the fastest (GPU): seconds of timing per new shape for a few "
                                  "percent on long runs; the choice can differ between runs")

@@ -38,8 +38,6 @@ def blockers(cfg: Config, device: torch.device, processes: int, mp: str) -> list
          optim.varies_within_epoch(cfg)),
         ("no MixUp / CutMix (train.mixup_alpha, train.cutmix_alpha 0)", t.mixup_alpha > 0 or t.cutmix_alpha > 0),
     ) if bad]
-    if why and not can_capture(device):
-        return why  # (no GPU: nothing more to learn, and no model to build for it)
     drawn = random_layers(cfg)
     if drawn:
         kinds = "/".join(sorted({type(m).__name__ for _, m in drawn}))
@@ -67,7 +65,8 @@ def use_cuda_graphs(cfg: Config, device: torch.device, processes: int, mp: str, 
     t = cfg.train
     if t.cuda_graphs is not None:
         return t.cuda_graphs
-    return not keeps_features and not blockers(cfg, device, processes, mp)
+    # (can_capture first: a run on the CPU builds no model to look for random layers)
+    return can_capture(device) and not keeps_features and not blockers(cfg, device, processes, mp)
 
 
 RANDOM_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
