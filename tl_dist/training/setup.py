@@ -92,8 +92,10 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     if state is not None:
         restore_optimizer_and_rngs(optimizer, state, accelerator, out)
     net, optimizer = accelerator.prepare(net, optimizer)
-    keeps_features = frozen and feature_cache.why_off(cfg, accelerator.unwrap_model(net), len(d.train)) is None
-    step = build_step(cfg, accelerator, optimizer, mp, keeps_features)
+    model = accelerator.unwrap_model(net)
+    # (asked once: the train step and the feature cache both follow the answer)
+    no_features = feature_cache.why_off(cfg, model, len(d.train)) if frozen else "the backbone trains"
+    step = build_step(cfg, accelerator, optimizer, mp, keeps_features=no_features is None)
     settings = step_settings(cfg, frozen, channels_last, d, accelerator.device)
     meta = run_metadata(cfg, accelerator, net, d, mp, listed.split)
     state = state or RunState()
@@ -101,12 +103,12 @@ def set_up(cfg: Config, lock: run_dir.RunLock) -> Run:
     agree(accelerator, lambda: note_segment(cfg, out, state, fingerprint, listed.split, log) if main_proc else None)
     if main_proc:
         first_lines(cfg, accelerator, d, listed, meta, mp, start, log, step)
-    model, epoch_images = accelerator.unwrap_model(net), d.train_sampler.images_per_epoch()  # (all, unless limited)
+    epoch_images = d.train_sampler.images_per_epoch()  # (all, unless limited)
     return Run(cfg, accelerator, out, d, net, optimizer, optim.Schedule(optimizer, cfg, epoch_images), step, settings,
                state, meta, tracking.Tracking(accelerator, cfg.to_dict(), out, epoch_images, start),
                build_ema(cfg, model, state, log),
                HeadInputs() if keeps_val_features(cfg, model, frozen, len(d.val)) else None,
-               build_feature_cache(cfg, model, d, frozen, log))
+               build_feature_cache(d, frozen, no_features, log))
 
 
 # ----------------------------------------------------------------------------- the builders
@@ -351,12 +353,11 @@ def keeps_val_features(cfg: Config, model: torch.nn.Module, frozen: bool, val_im
             and feature_bytes <= cfg.data.cache_gb * 2**30)
 
 
-def build_feature_cache(cfg: Config, model: torch.nn.Module, d: loaders.Data, frozen: bool, log) -> FeatureCache | None:
+def build_feature_cache(d: loaders.Data, frozen: bool, why: str | None, log) -> FeatureCache | None:
     """train.feature_cache for a run that starts frozen: kept train features where they are exact
-    and fit data.cache_gb; the first lines say which, and why not."""
+    and fit data.cache_gb (``why``: feature_cache.why_off's answer); the first lines say which, and why not."""
     if not frozen:
         return None
-    why = feature_cache.why_off(cfg, model, len(d.train))
     if why is not None:
         log(f"feature cache off: {why}; the backbone runs on every train image every epoch")
         return None
